@@ -1,0 +1,1 @@
+"""Rule node implementations, one module per node type."""

@@ -1,0 +1,260 @@
+"""The local event queues: ``cloud_event`` on an edge, ``edge_event`` on a cloud.
+
+Each event gets a 64-bit sequence number when its batch commits, in the order
+the incoming messages arrived; the delivery cursor is that number, never a
+clock. Delivered events are deleted in sequence ranges. An event the peer
+rejects for good moves to ``dead_letter`` with its error, and stays there until
+a user re-queues or purges it.
+
+An event's id is derived from the file's instance id and its sequence, so it is
+unique and stable without storing sixteen random bytes per event.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pyarrow as pa
+
+from edgectl.changes import PendingEvent
+from edgectl.message import EntityRef, now_ms
+from edgectl.values import dumps
+
+if TYPE_CHECKING:
+    from edgectl.storage import Store
+
+CLOUD_QUEUE = "cloud_event"
+EDGE_QUEUE = "edge_event"
+_EVENT_FIELDS = (
+    "seq, created_ts, action, entity_type, entity_name, body, ts, attempts, last_error"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A queued event as stored; ``body`` is JSON text."""
+
+    seq: int
+    created_ts: int
+    action: str
+    entity_type: str
+    entity_name: str
+    body: str
+    ts: int
+    attempts: int
+    last_error: str | None
+    edge: str | None = None
+
+    def event_id(self, instance: str) -> str:
+        """The event's id: a UUID built from the file instance and sequence."""
+        return str(uuid.UUID(int=(int(instance, 16) << 64) | self.seq))
+
+    @property
+    def entity(self) -> EntityRef:
+        """The event's originator."""
+        return EntityRef(self.entity_type, self.entity_name)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """The state of one queue (for one edge on the cloud)."""
+
+    queue: str
+    edge: str | None
+    pending: int
+    oldest_pending_ts: int | None
+    dead_letters: int
+    delivered_seq: int
+    last_seq: int
+
+
+def queue_for(peer: str | None) -> str:
+    """The queue table events for this peer go to."""
+    return CLOUD_QUEUE if peer is None else EDGE_QUEUE
+
+
+def last_sequence(store: Store) -> int:
+    """The highest sequence ever given out in this file."""
+
+    def query(con: duckdb.DuckDBPyConnection) -> int:
+        row = con.execute(
+            "SELECT greatest((SELECT max(seq) FROM cloud_event), "
+            "(SELECT max(seq) FROM edge_event), (SELECT max(seq) FROM dead_letter), "
+            "(SELECT max(delivered_seq) FROM queue_cursor), 0)"
+        ).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    return store.read("reading the queue of", query)
+
+
+def append_events(
+    con: duckdb.DuckDBPyConnection,
+    store: Store,
+    events: list[PendingEvent],
+    entity_id: Callable[[EntityRef], int],
+) -> int:
+    """Number and append a batch's events; returns the next free sequence."""
+    ordered = sorted(events, key=lambda event: event.order)
+    seq = store.next_seq
+    created = now_ms()
+    for queue in (CLOUD_QUEUE, EDGE_QUEUE):
+        chosen = [e for e in ordered if queue_for(e.peer) == queue]
+        if not chosen:
+            continue
+        columns = _event_columns(chosen, seq, created)
+        seq += len(chosen)
+        if queue == EDGE_QUEUE:
+            columns["edge"] = pa.array([e.peer for e in chosen], pa.string())
+        con.register("event_batch", pa.table(columns))
+        try:
+            con.execute(f"INSERT INTO {queue} SELECT * FROM event_batch")
+        finally:
+            con.unregister("event_batch")
+    return seq
+
+
+def _event_columns(
+    events: list[PendingEvent], first: int, created: int
+) -> dict[str, Any]:
+    count = len(events)
+    return {
+        "seq": pa.array(range(first, first + count), pa.int64()),
+        "created_ts": pa.array([created] * count, pa.int64()),
+        "action": pa.array([e.action for e in events], pa.string()),
+        "entity_type": pa.array([e.entity.entity_type for e in events], pa.string()),
+        "entity_name": pa.array([e.entity.name for e in events], pa.string()),
+        "body": pa.array([_body_text(e.body) for e in events], pa.string()),
+        "ts": pa.array([e.ts for e in events], pa.int64()),
+        "attempts": pa.array([0] * count, pa.int32()),
+        "last_error": pa.array([None] * count, pa.string()),
+    }
+
+
+def _body_text(body: Any) -> str:
+    return body if isinstance(body, str) else dumps(body)
+
+
+def _edge_filter(queue: str, edge: str | None) -> tuple[str, list[Any]]:
+    if queue == EDGE_QUEUE and edge is not None:
+        return " AND edge = ?", [edge]
+    return "", []
+
+
+def read_pending(
+    store: Store, queue: str, edge: str | None, after: int, limit: int
+) -> list[Event]:
+    """Up to ``limit`` events with sequence above ``after``, in sequence order."""
+    where, params = _edge_filter(queue, edge)
+    rows = store.read(
+        "reading the queue of",
+        lambda con: con.execute(
+            f"SELECT {_EVENT_FIELDS} FROM {queue} WHERE seq > ?{where} "
+            "ORDER BY seq LIMIT ?",
+            [after, *params, limit],
+        ).fetchall(),
+    )
+    return [Event(*row, edge=edge) for row in rows]
+
+
+def delivered_seq(store: Store, queue: str, edge: str | None) -> int:
+    """The last sequence the peer acknowledged."""
+    row = store.read(
+        "reading the queue cursor of",
+        lambda con: con.execute(
+            "SELECT delivered_seq FROM queue_cursor WHERE queue = ? "
+            "AND edge IS NOT DISTINCT FROM ?",
+            [queue, edge],
+        ).fetchone(),
+    )
+    return int(row[0]) if row else 0
+
+
+def mark_delivered(
+    con: duckdb.DuckDBPyConnection, queue: str, edge: str | None, through: int
+) -> None:
+    """Advance the cursor to ``through`` and delete what it passed, in bulk."""
+    where, params = _edge_filter(queue, edge)
+    con.execute(f"DELETE FROM {queue} WHERE seq <= ?{where}", [through, *params])
+    con.execute(
+        "DELETE FROM queue_cursor WHERE queue = ? AND edge IS NOT DISTINCT FROM ?",
+        [queue, edge],
+    )
+    con.execute("INSERT INTO queue_cursor VALUES (?, ?, ?)", [queue, edge, through])
+
+
+def record_failure(
+    con: duckdb.DuckDBPyConnection, queue: str, edge: str | None, seq: int, error: str
+) -> int:
+    """Count a failed attempt on one event; returns its attempts so far."""
+    where, params = _edge_filter(queue, edge)
+    row = con.execute(
+        f"UPDATE {queue} SET attempts = attempts + 1, last_error = ? "
+        f"WHERE seq = ?{where} RETURNING attempts",
+        [error, seq, *params],
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def dead_letter(
+    con: duckdb.DuckDBPyConnection, queue: str, edge: str | None, seq: int
+) -> None:
+    """Move one event to the dead letters, with its attempts and last error."""
+    where, params = _edge_filter(queue, edge)
+    edge_column = "edge" if queue == EDGE_QUEUE else "NULL"
+    con.execute(
+        f"INSERT INTO dead_letter SELECT ?, {edge_column}, {_EVENT_FIELDS}, ? "
+        f"FROM {queue} WHERE seq = ?{where}",
+        [queue, now_ms(), seq, *params],
+    )
+    con.execute(f"DELETE FROM {queue} WHERE seq = ?{where}", [seq, *params])
+
+
+def queue_stats(store: Store, queue: str) -> list[QueueStats]:
+    """Pending count, lag, dead letters and cursor per queue (and per edge)."""
+
+    def query(con: duckdb.DuckDBPyConnection) -> list[QueueStats]:
+        edges = [None]
+        if queue == EDGE_QUEUE:
+            edges = [
+                row[0]
+                for row in con.execute(
+                    "SELECT DISTINCT edge FROM edge_event UNION SELECT name FROM edge "
+                    "UNION SELECT edge FROM queue_cursor WHERE queue = 'edge_event' "
+                    "ORDER BY 1"
+                ).fetchall()
+            ]
+        return [_stats(con, queue, edge) for edge in edges]
+
+    return store.read("reading the queue of", query)
+
+
+def _stats(con: duckdb.DuckDBPyConnection, queue: str, edge: str | None) -> QueueStats:
+    where, params = _edge_filter(queue, edge)
+    cursor = con.execute(
+        "SELECT delivered_seq FROM queue_cursor WHERE queue = ? "
+        "AND edge IS NOT DISTINCT FROM ?",
+        [queue, edge],
+    ).fetchone()
+    delivered = int(cursor[0]) if cursor else 0
+    pending, oldest, last = con.execute(
+        f"SELECT count(*), min(created_ts), max(seq) FROM {queue} WHERE seq > ?{where}",
+        [delivered, *params],
+    ).fetchone() or (0, None, None)
+    dead = con.execute(
+        "SELECT count(*) FROM dead_letter WHERE queue = ? "
+        "AND edge IS NOT DISTINCT FROM ?",
+        [queue, edge],
+    ).fetchone()
+    return QueueStats(
+        queue,
+        edge,
+        int(pending),
+        oldest,
+        int(dead[0]) if dead else 0,
+        delivered,
+        int(last) if last is not None else delivered,
+    )
