@@ -37,10 +37,19 @@ def validate_file(
     if isinstance(document, Problem):
         return [document]
     problems = check_document(document)
-    if not problems:
+    if not any(_is_structural(problem) for problem in problems):
         checker = _Checker(document, path, (*callers, path.resolve()))
-        problems = list(_semantic(checker, compile_scripts))
+        problems += _semantic(checker, compile_scripts)
     return sorted(problems, key=lambda p: (p.line, p.column, p.message))
+
+
+def _is_structural(problem: Problem) -> bool:
+    """True for schema problems that leave the chain's shape unknown.
+
+    Bad configs and unknown types do not stop the semantic checks, so a file's
+    every problem is reported in one run.
+    """
+    return ".config" not in problem.path and not problem.path.endswith(".type")
 
 
 def load_chain(path: Path) -> Chain:
@@ -127,8 +136,11 @@ class _Checker:
 
     def relations(self) -> Iterator[Problem]:
         for i, node in enumerate(self.nodes):
-            emitted = NODE_TYPES[node["type"]].relations(
-                build_chain_node(node, i), self.folder
+            node_type = NODE_TYPES.get(node["type"])
+            emitted = (
+                node_type.relations(build_chain_node(node, i), self.folder)
+                if node_type is not None
+                else None
             )
             for label, value in (node.get("next") or {}).items():
                 yield from self._label(i, node, label, emitted)
@@ -249,7 +261,10 @@ class _Checker:
         for i, node in enumerate(self.nodes):
             if node["type"] != "rule_chain":
                 continue
-            target = self.folder / node["config"]["chain"]
+            called = (node.get("config") or {}).get("chain")
+            if not isinstance(called, str):
+                continue
+            target = self.folder / called
             if target.resolve() in self.stack:
                 yield self.problem(
                     ["nodes", i, "config", "chain"],
