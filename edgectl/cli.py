@@ -97,6 +97,193 @@ def validate(
     raise typer.Exit(EXIT_USER_ERROR if failed else 0)
 
 
+DbOption = Annotated[
+    Path | None, typer.Option("--db", help="A stopped role's DuckDB file.")
+]
+UrlOption = Annotated[
+    str | None, typer.Option("--url", help="A running role, e.g. http://127.0.0.1:8081.")
+]
+
+
+def _one_target(db: Path | None, url: str | None) -> None:
+    if (db is None) == (url is None):
+        fail("give exactly one of --db PATH (a stopped file) or --url URL (a running role)")
+
+
+def open_store(db: Path, *, create: bool = False) -> Any:
+    """Open a stopped role's file; only ``create`` allows a new one."""
+    from edgectl.storage import Store
+
+    if not create and not db.exists():
+        fail(f"{db} does not exist; give the --db of an edge or cloud")
+    return Store(db)
+
+
+@app.command()
+def run(
+    role: Annotated[str, typer.Option(help="edge or cloud.")] = "edge",
+    config: Annotated[Path | None, typer.Option(help="YAML file of settings.")] = None,
+    db: Annotated[Path | None, typer.Option(help="DuckDB file.")] = None,
+    chain: Annotated[Path | None, typer.Option(help="Root chain file.")] = None,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT (port 0: any free).")] = None,
+    cloud: Annotated[str | None, typer.Option(help="Edge: the cloud's URL.")] = None,
+    edge_key: Annotated[str | None, typer.Option(help="Edge: its key on the cloud.")] = None,
+    edge_secret: Annotated[
+        str | None, typer.Option(help="Edge: its secret (prefer EDGECTL_EDGE_SECRET).")
+    ] = None,
+    cloud_ca: Annotated[Path | None, typer.Option(help="Edge: CA file to trust.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Serve HTTPS with this cert.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Key of --tls-cert.")] = None,
+    port_file: Annotated[Path | None, typer.Option(help="Write the bound port here.")] = None,
+) -> None:
+    """Run an edge or a cloud until SIGTERM or Ctrl-C."""
+    from edgectl.config import load_config
+    from edgectl.roles import run_role
+
+    options = {
+        "db": db, "chain": chain, "listen": listen, "cloud": cloud,
+        "edge_key": edge_key, "edge_secret": edge_secret, "cloud_ca": cloud_ca,
+        "tls_cert": tls_cert, "tls_key": tls_key, "port_file": port_file,
+    }
+    run_role(load_config(role, config, options))
+
+
+devices_app = typer.Typer(help="Devices registered on an edge.", no_args_is_help=True)
+edges_app = typer.Typer(help="Edges registered on a cloud.", no_args_is_help=True)
+attributes_app = typer.Typer(help="Attributes of devices.", no_args_is_help=True)
+inspect_app = typer.Typer(help="Look inside a role's file.", no_args_is_help=True)
+app.add_typer(devices_app, name="devices")
+app.add_typer(edges_app, name="edges")
+app.add_typer(attributes_app, name="attributes")
+app.add_typer(inspect_app, name="inspect")
+
+
+@devices_app.command("add")
+def devices_add(
+    name: str,
+    type: Annotated[str, typer.Option("--type", help="Device type.")] = "default",
+    token: Annotated[str | None, typer.Option(help="Access token (random if absent).")] = None,
+    db: DbOption = None,
+    url: UrlOption = None,
+) -> None:
+    """Register a device on an edge and print its access token."""
+    from edgectl import remote
+    from edgectl.devices import register_device
+
+    _one_target(db, url)
+    if url:
+        body = {"name": name, "type": type, "token": token}
+        answer = remote.call(url, "POST", "/api/edgectl/devices", body)
+        device_token, created = answer["token"], answer["created"]
+    else:
+        store = open_store(db, create=True) if db else None
+        device, created = register_device(store, name, type=type, token=token)
+        device_token = device.token
+        store.close()
+    if not created:
+        err.print(f"device {name!r} already exists; its token:")
+    out.print(device_token)
+
+
+@edges_app.command("add")
+def edges_add(
+    name: str,
+    key: Annotated[str | None, typer.Option(help="Routing key (random if absent).")] = None,
+    secret: Annotated[str | None, typer.Option(help="Secret (random if absent).")] = None,
+    db: DbOption = None,
+    url: UrlOption = None,
+) -> None:
+    """Register an edge on a cloud and print its key and secret."""
+    from edgectl import remote
+    from edgectl.devices import register_edge
+
+    _one_target(db, url)
+    if url:
+        answer = remote.call(url, "POST", "/api/edgectl/edges", {"name": name, "key": key, "secret": secret})
+        edge_key, edge_secret, created = answer["key"], answer["secret"], answer["created"]
+    else:
+        store = open_store(db, create=True) if db else None
+        edge, created = register_edge(store, name, key=key, secret=secret)
+        edge_key, edge_secret = edge.routing_key, edge.secret
+        store.close()
+    if not created:
+        err.print(f"edge {name!r} already exists; its credentials:")
+    out.print(f"key: {edge_key}\nsecret: {edge_secret}")
+
+
+@attributes_app.command("set")
+def attributes_set(
+    device: str,
+    pairs: Annotated[list[str], typer.Argument(help="KEY=VALUE; VALUE is JSON or text.")],
+    url: Annotated[str, typer.Option(help="The running cloud.")],
+    scope: Annotated[str, typer.Option(help="shared or server.")] = "shared",
+) -> None:
+    """Set attributes on the cloud; shared ones reach the device's edge."""
+    from edgectl import remote
+    from edgectl.message import normalize_scope, thingsboard_scope
+    from edgectl.values import JsonSyntaxError, parse_json
+
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            fail(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            values[key] = parse_json(raw)
+        except JsonSyntaxError:
+            values[key] = raw
+    name = normalize_scope(scope)
+    if name not in ("shared", "server"):
+        fail(f"--scope must be shared or server, got {scope!r}")
+    path = f"/api/plugins/telemetry/DEVICE/{device}/attributes/{thingsboard_scope(name)}"
+    remote.call(url, "POST", path, values)
+    out.print(f"set {len(values)} {name} attribute(s) on {device}")
+
+
+@inspect_app.command("tables")
+def inspect_tables(
+    table: Annotated[str | None, typer.Argument(help="Show this table's rows.")] = None,
+    db: DbOption = None,
+    url: UrlOption = None,
+    device: Annotated[str | None, typer.Option(help="Only this device.")] = None,
+    key: Annotated[str | None, typer.Option(help="Only this key.")] = None,
+    scope: Annotated[str | None, typer.Option(help="Attributes of this scope.")] = None,
+    since: Annotated[int | None, typer.Option(help="From this epoch ms.")] = None,
+    until: Annotated[int | None, typer.Option(help="Up to this epoch ms.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many rows.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show what a file stores and what is still queued, or one table's rows."""
+    from edgectl import remote, render
+    from edgectl.tables import RowFilter, overview, rows
+
+    _one_target(db, url)
+    where = RowFilter(device, key, scope, since, until, limit)
+    if url:
+        path = "/api/edgectl/tables" + (f"/{table}" if table else "")
+        params = {k: v for k, v in vars_of(where).items() if v is not None}
+        data = remote.call(url, "GET", path, params=params if table else None)
+    else:
+        store = open_store(db) if db else None
+        try:
+            data = rows(store, table, where) if table else overview(store)
+        finally:
+            store.close()
+    if as_json:
+        print_json(data)
+    elif table:
+        render.rows(out, table, data)
+    else:
+        render.overview(out, data)
+
+
+def vars_of(value: Any) -> dict[str, Any]:
+    """The fields of a dataclass as a dict."""
+    import dataclasses
+
+    return dataclasses.asdict(value)
+
+
 def main() -> None:
     """Entry point: run the app with one error boundary and the exit codes."""
     try:

@@ -20,6 +20,7 @@ DuckDB's zone maps skip the row groups a batch cannot touch.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import uuid
@@ -192,6 +193,11 @@ class Store:
             self.instance = str(instance.fetchone()[0])  # type: ignore[index]
         self.key_names = {key_id: key for key, key_id in self.key_ids.items()}
         self.entity_names = {entity.id: entity for entity in self.entities.values()}
+        self.tokens = {
+            _digest(entity.token): entity
+            for entity in self.entities.values()
+            if entity.token
+        }
         from edgectl.outbox import last_sequence
 
         self.next_seq = last_sequence(self) + 1
@@ -247,11 +253,12 @@ class Store:
         return self.entities.get(ref)
 
     def entity_by_token(self, token: str) -> Entity | None:
-        """The device whose access token this is, if any."""
-        for entity in self.entities.values():
-            if entity.token == token:
-                return entity
-        return None
+        """The device whose access token this is, if any.
+
+        Tokens are looked up by their SHA-256 digest, so the time a lookup
+        takes says nothing about how much of a guessed token was right.
+        """
+        return self.tokens.get(_digest(token))
 
     def add_entity(
         self,
@@ -298,6 +305,8 @@ class Store:
     def _remember(self, entity: Entity) -> None:
         self.entities[entity.ref] = entity
         self.entity_names[entity.id] = entity
+        if entity.token:
+            self.tokens[_digest(entity.token)] = entity
 
     def _insert_entities(
         self, con: duckdb.DuckDBPyConnection, entities: list[Entity]
@@ -436,6 +445,10 @@ class Store:
                 "DELETE FROM ts_kv WHERE expires IS NOT NULL AND expires < ?", [now]
             ).fetchone()
         return int(row[0]) if row else 0
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
 
 
 def set_applied(con: duckdb.DuckDBPyConnection, peer: str, seq: int) -> None:
@@ -635,7 +648,7 @@ def _upsert_readings(con: duckdb.DuckDBPyConnection, low: int, high: int) -> Non
 
 def _upsert_latest(con: duckdb.DuckDBPyConnection) -> None:
     # An older reading never replaces a newer latest value; an equal ts does.
-    folded = con.execute(
+    folded = con.sql(
         "SELECT entity_id, key, ts, bool_v, long_v, dbl_v, str_v, json_v "
         "FROM reading_batch WHERE latest QUALIFY row_number() OVER "
         "(PARTITION BY entity_id, key ORDER BY ts DESC, ord DESC) = 1"

@@ -1,0 +1,265 @@
+"""The edge's two loops with its cloud: send the queue up, poll events down.
+
+Edges usually sit behind NAT, so the edge opens every connection. The uplink
+sends ``cloud_event`` in sequence order and advances its cursor only past what
+the cloud acknowledged; the downlink long-polls the cloud for this edge's
+events, applies them through the root chain and acknowledges them with the
+next poll. Both retry forever with capped, jittered backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from edgectl.errors import PeerRejectedError, TransportError
+from edgectl.metrics import Metrics
+from edgectl.outbox import (
+    CLOUD_QUEUE,
+    Event,
+    dead_letter,
+    delivered_seq,
+    mark_delivered,
+    read_pending,
+    record_failure,
+)
+from edgectl.storage import Store
+from edgectl.sync import ApplyResult, Receiver, decode_events, encode_event, peer_key
+from edgectl.transport import Backoff, CloudClient, Gap, RetryLater, sleep_or_wake
+from edgectl.writer import Writer
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+async def on_writer(writer: Writer, work: Callable[[], T]) -> T:
+    """Run a write on the writer thread and wait for it without blocking."""
+    return await asyncio.wrap_future(writer.call(work))
+
+
+class Uplink:
+    """Sends queued cloud events in batches and applies the cloud's answers."""
+
+    def __init__(
+        self,
+        store: Store,
+        writer: Writer,
+        client: CloudClient,
+        metrics: Metrics,
+        *,
+        batch_size: int = 5000,
+        max_attempts: int = 3,
+    ) -> None:
+        self.store = store
+        self.writer = writer
+        self.client = client
+        self.metrics = metrics
+        self.batch_size = batch_size
+        self.max_attempts = max_attempts
+        self.wake = asyncio.Event()
+        self.delivered = delivered_seq(store, CLOUD_QUEUE, None)
+        self._down_since: float | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Send until ``stop`` is set; the batch in hand is finished first."""
+        backoff = Backoff()
+        while not stop.is_set():
+            events = await asyncio.to_thread(self._next_batch)
+            if not events:
+                self.wake.clear()
+                await sleep_or_wake(1.0, self.wake)
+                continue
+            try:
+                await self._send(events)
+            except TransportError as error:
+                await self._wait_out(error, backoff, stop)
+                continue
+            backoff.reset()
+            self._reached()
+
+    def _next_batch(self) -> list[Event]:
+        # The cursor is read from the file each time, so a replay that moved
+        # it through the admin API takes effect at once.
+        self.delivered = delivered_seq(self.store, CLOUD_QUEUE, None)
+        return read_pending(
+            self.store, CLOUD_QUEUE, None, self.delivered, self.batch_size
+        )
+
+    async def _send(self, events: list[Event]) -> None:
+        batch = {
+            "instance": self.store.instance,
+            "after": self.delivered,
+            "events": [encode_event(event) for event in events],
+        }
+        started = time.perf_counter()
+        try:
+            answer = await self.client.push(batch)
+        except Gap as gap:
+            self._gap(gap)
+            return
+        self.metrics.observe_batch(time.perf_counter() - started)
+        self.metrics.add("events_sent", len(events))
+        self.delivered = await on_writer(
+            self.writer, lambda: self._acknowledge(answer, events)
+        )
+        logger.info(
+            "pushed %d events to %s (through seq %d) in %.0f ms",
+            len(events), self.client.url, self.delivered,
+            (time.perf_counter() - started) * 1000,
+        )
+
+    def _gap(self, gap: Gap) -> None:
+        # Events above our cursor are contiguous unless a user purged some; the
+        # cloud then asks for what it expects, and we resume from our cursor.
+        logger.warning(
+            "the cloud expects events after seq %d; resending from %d",
+            gap.expected, self.delivered,
+        )
+        self.delivered = delivered_seq(self.store, CLOUD_QUEUE, None)
+        raise TransportError(str(gap))
+
+    def _acknowledge(self, answer: dict[str, Any], events: list[Event]) -> int:
+        through = min(int(answer.get("applied_through", 0)), events[-1].seq)
+        rejected = answer.get("rejected")
+        delivered = self.delivered
+        with self.store.transaction() as con:
+            if through > delivered:
+                mark_delivered(con, CLOUD_QUEUE, None, through)
+                self.metrics.add("events_acknowledged", through - delivered)
+                delivered = through
+            if isinstance(rejected, dict) and int(rejected["seq"]) == delivered + 1:
+                delivered = self._reject(con, int(rejected["seq"]), str(rejected["error"]))
+        return delivered
+
+    def _reject(self, con: Any, seq: int, error: str) -> int:
+        attempts = record_failure(con, CLOUD_QUEUE, None, seq, error)
+        self.metrics.add("events_retried", 1)
+        if attempts < self.max_attempts:
+            logger.warning("the cloud rejected event %d (attempt %d): %s", seq, attempts, error)
+            return seq - 1
+        dead_letter(con, CLOUD_QUEUE, None, seq)
+        mark_delivered(con, CLOUD_QUEUE, None, seq)
+        self.metrics.add("events_dead_lettered", 1)
+        logger.error(
+            "event %d dead-lettered after %d attempts: %s; "
+            "see `edgectl replay list --dead`", seq, attempts, error,
+        )
+        return seq
+
+    async def _wait_out(
+        self, error: TransportError, backoff: Backoff, stop: asyncio.Event
+    ) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            hint = " (check the edge key and secret)" if isinstance(
+                error, PeerRejectedError
+            ) else ""
+            logger.warning("cloud unavailable, events stay queued: %s%s", error, hint)
+        self.metrics.add("push_failures", 1)
+        delay = backoff.next_delay()
+        if isinstance(error, RetryLater):
+            await sleep_or_wake(error.retry_after or delay, stop_event(stop))
+            return
+        await wait_until_up(self.client, delay, stop)
+
+    def _reached(self) -> None:
+        if self._down_since is not None:
+            logger.info(
+                "cloud reachable again after %.1f s", time.monotonic() - self._down_since
+            )
+            self._down_since = None
+
+
+def stop_event(stop: asyncio.Event) -> asyncio.Event:
+    """The event that ends a wait early: the stop signal."""
+    return stop
+
+
+async def wait_until_up(client: CloudClient, delay: float, stop: asyncio.Event) -> None:
+    """Wait up to ``delay`` s, returning early once the cloud answers again."""
+    deadline = time.monotonic() + delay
+    while not stop.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        await sleep_or_wake(min(1.0, left), stop)
+        if await client.is_up():
+            return
+
+
+class Downlink:
+    """Long-polls the cloud for this edge's events and applies them."""
+
+    def __init__(
+        self,
+        store: Store,
+        writer: Writer,
+        client: CloudClient,
+        receiver: Receiver,
+        metrics: Metrics,
+        *,
+        wait: float = 20.0,
+        batch_size: int = 5000,
+    ) -> None:
+        self.store = store
+        self.writer = writer
+        self.client = client
+        self.receiver = receiver
+        self.metrics = metrics
+        self.wait = wait
+        self.batch_size = batch_size
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll until ``stop`` is set."""
+        backoff = Backoff()
+        key: str | None = None
+        rejected: dict[str, Any] | None = None
+        while not stop.is_set():
+            try:
+                if key is None:
+                    hello = await self.client.hello()
+                    key = peer_key("cloud", "cloud", str(hello["instance"]))
+                    logger.info("connected to cloud %s as edge %r", self.client.url, hello.get("edge"))
+                rejected = await self._poll(key, rejected, stop)
+            except TransportError as error:
+                logger.debug("downlink poll failed: %s", error)
+                await wait_until_up(self.client, backoff.next_delay(), stop)
+                continue
+            backoff.reset()
+
+    async def _poll(
+        self, key: str, rejected: dict[str, Any] | None, stop: asyncio.Event
+    ) -> dict[str, Any] | None:
+        ack = await asyncio.to_thread(self.store.applied_seq, key)
+        request = {
+            "ack": ack,
+            "rejected": rejected,
+            "wait_ms": int(self.wait * 1000),
+            "limit": self.batch_size,
+        }
+        poll = asyncio.ensure_future(self.client.poll(request, self.wait))
+        stopping = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({poll, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if poll not in done:
+            poll.cancel()
+            return rejected
+        answer = poll.result()
+        events = decode_events(answer.get("events", []))
+        if not events:
+            return None
+        result: ApplyResult = await on_writer(self.writer, lambda: self._apply(events, key))
+        self.metrics.add("events_received", result.applied)
+        if result.rejected is None:
+            return None
+        logger.warning("rejected event %d from the cloud: %s", result.rejected.seq, result.rejected.error)
+        return {"seq": result.rejected.seq, "error": result.rejected.error}
+
+    def _apply(self, events: list[Any], key: str) -> ApplyResult:
+        result, run = self.receiver.apply(events, key, None)
+        self.writer.notify(run.changes)
+        return result

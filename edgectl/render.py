@@ -1,0 +1,83 @@
+"""Rich rendering of command results (only the CLI imports this module)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from edgectl.values import dumps
+
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def age(ms: int | None) -> str:
+    """How long ago an epoch-ms time was, as ``3.2 s`` or ``-``."""
+    if not ms:
+        return "-"
+    seconds = max(0.0, time.time() - ms / 1000)
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def overview(console: Console, data: dict[str, Any]) -> None:
+    """Row counts, then queue state."""
+    table = Table(title=f"tables in {data['file']}")
+    table.add_column("table")
+    table.add_column("rows", justify="right")
+    for item in data["tables"]:
+        table.add_row(item["table"], f"{item['rows']:,}")
+    console.print(table)
+    queues = Table(title="queues")
+    for column in ("queue", "edge", "pending", "lag", "dead letters", "delivered seq", "last seq"):
+        queues.add_column(column, justify="right" if column != "queue" else "left")
+    for q in data["queues"]:
+        queues.add_row(
+            q["queue"], q["edge"] or "-", f"{q['pending']:,}", age(q["oldest_pending_ts"]),
+            f"{q['dead_letters']:,}", str(q["delivered_seq"]), str(q["last_seq"]),
+        )
+    console.print(queues)
+
+
+def sparkline(values: list[float]) -> str:
+    """A one-line chart of numbers, oldest first."""
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(_BARS[int((v - low) / span * (len(_BARS) - 1))] for v in values)
+
+
+def rows(console: Console, table_name: str, found: list[dict[str, Any]]) -> None:
+    """Rows of one table; a key's numeric history gets a sparkline."""
+    if not found:
+        console.print(f"no rows in {table_name} match")
+        return
+    table = Table(title=table_name)
+    columns = list(found[0])
+    for column in columns:
+        table.add_column(column)
+    for item in found:
+        table.add_row(*(_cell(item[c]) for c in columns))
+    console.print(table)
+    numbers = [r["value"] for r in reversed(found) if _is_number(r.get("value"))]
+    keys = {r.get("key") for r in found}
+    if len(keys) == 1 and len(numbers) > 2:
+        console.print(f"{keys.pop()}: {sparkline([float(n) for n in numbers])}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return dumps(value)

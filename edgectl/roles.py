@@ -1,0 +1,221 @@
+"""Wiring a running edge or cloud: file, chain, writer thread, HTTP, sync loops.
+
+``run_role`` serves until SIGTERM or Ctrl-C, then stops accepting requests,
+lets the batch in hand finish, and checkpoints and closes the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+
+from edgectl.api import Limits, Service, build_app
+from edgectl.checks import load_chain
+from edgectl.config import RoleConfig
+from edgectl.engine import BuildContext, Engine
+from edgectl.metrics import Metrics
+from edgectl.message import SOURCE_CLOUD, SOURCE_EDGE, now_ms
+from edgectl.outbox import CLOUD_QUEUE, EDGE_QUEUE, queue_stats
+from edgectl.storage import Store
+from edgectl.sync import Receiver
+from edgectl.writer import BatchStats, Writer
+
+logger = logging.getLogger(__name__)
+
+
+def example_chain(role: str) -> Path:
+    """The packaged example root chain of a role."""
+    return Path(str(resources.files("edgectl") / "rulechains" / f"{role}_root.yaml"))
+
+
+def open_service(config: RoleConfig) -> Service:
+    """Open the file and build the chain, writer and receiver of a role.
+
+    Raises ChainError or StorageError with what to fix.
+    """
+    chain_path = config.chain or example_chain(config.role)
+    chain = load_chain(chain_path)
+    engine = Engine(chain, BuildContext(load_chain, (chain_path.resolve(),)))
+    store = Store(config.db_path)
+    writer = Writer(store, engine, max_batch=config.batch_size)
+    source = SOURCE_EDGE if config.role == "cloud" else SOURCE_CLOUD
+    metrics = Metrics(config.role)
+    service = Service(
+        config.role,
+        store,
+        writer,
+        Receiver(store, engine, source),
+        metrics,
+        Limits(max_body_bytes=config.max_body_bytes, max_attempts=config.max_attempts),
+    )
+    writer.hooks.append(service.on_commit)
+    writer.stats_hooks.append(lambda stats: _count(metrics, stats))
+    _add_gauges(service)
+    logger.info("%s: chain %r from %s, data in %s", config.role, chain.name, chain_path, store.path)
+    return service
+
+
+def _count(metrics: Metrics, stats: BatchStats) -> None:
+    metrics.add("readings_stored", stats.readings)
+    metrics.add("events_queued", stats.events)
+    metrics.add("chain_failures", stats.failures)
+
+
+def _add_gauges(service: Service) -> None:
+    queue = CLOUD_QUEUE if service.role == "edge" else EDGE_QUEUE
+
+    def totals() -> tuple[float, float, float]:
+        stats = queue_stats(service.store, queue)
+        depth = sum(s.pending for s in stats)
+        oldest = min((s.oldest_pending_ts for s in stats if s.oldest_pending_ts), default=None)
+        lag = (now_ms() - oldest) / 1000 if oldest else 0.0
+        return depth, lag, sum(s.dead_letters for s in stats)
+
+    service.metrics.gauges["queue_depth"] = lambda: totals()[0]
+    service.metrics.gauges["queue_lag_seconds"] = lambda: totals()[1]
+    service.metrics.gauges["dead_letters"] = lambda: totals()[2]
+
+
+def build_role_app(config: RoleConfig, service: Service) -> Starlette:
+    """The role's ASGI app, whose lifespan starts and stops the background work."""
+    from edgectl.admin import admin_routes
+
+    app = build_app(service, admin_routes(service))
+    app.router.lifespan_context = lambda _: _lifespan(config, service)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(config: RoleConfig, service: Service) -> AsyncIterator[None]:
+    service.loop = asyncio.get_running_loop()
+    service.writer.start()
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(_expire_loop(config, service, stop))]
+    client = None
+    if config.role == "edge":
+        client = _start_sync(config, service, stop, tasks)
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if client is not None:
+            await client.close()
+        await asyncio.to_thread(_close, service)
+
+
+def _start_sync(
+    config: RoleConfig, service: Service, stop: asyncio.Event, tasks: list[Any]
+) -> Any:
+    from edgectl.peer import Downlink, Uplink
+    from edgectl.transport import CloudClient
+
+    if not config.cloud:
+        logger.warning(
+            "no cloud configured: events stay queued here; give --cloud, --edge-key "
+            "and --edge-secret to sync"
+        )
+        return None
+    verify: bool | str = str(config.cloud_ca) if config.cloud_ca else True
+    client = CloudClient(config.cloud, str(config.edge_key), str(config.secret()), verify=verify)
+    uplink = Uplink(
+        service.store, service.writer, client, service.metrics,
+        batch_size=config.batch_size, max_attempts=config.max_attempts,
+    )
+    loop = asyncio.get_running_loop()
+    service.writer.hooks.append(
+        lambda changes: loop.call_soon_threadsafe(uplink.wake.set) if changes.events else None
+    )
+    downlink = Downlink(
+        service.store, service.writer, client, service.receiver, service.metrics,
+        wait=config.poll_seconds,
+    )
+    tasks.append(asyncio.create_task(uplink.run(stop)))
+    tasks.append(asyncio.create_task(downlink.run(stop)))
+    logger.info("syncing with cloud %s as key %r", config.cloud, config.edge_key)
+    return client
+
+
+async def _expire_loop(config: RoleConfig, service: Service, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), config.ttl_cleanup_seconds)
+        if stop.is_set():
+            return
+        try:
+            removed = await asyncio.wrap_future(
+                service.writer.call(lambda: service.store.expire(now_ms()))
+            )
+        except Exception as error:
+            logger.warning("TTL cleanup failed, will retry: %s", error)
+            continue
+        if removed:
+            logger.info("TTL cleanup removed %d readings", removed)
+
+
+def _close(service: Service) -> None:
+    from edgectl.scripting import close_all
+
+    service.writer.stop()
+    service.writer.engine.close()
+    close_all()
+    service.store.close()
+    logger.info("%s stopped; %s closed", service.role, service.store.path)
+
+
+def bind(config: RoleConfig) -> socket.socket:
+    """Open the listening socket now, so port 0 resolves before serving."""
+    host, port = config.address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        from edgectl.errors import ConfigError
+
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {error.strerror}; choose another --listen"
+        ) from error
+    sock.listen(2048)
+    return sock
+
+
+def run_role(config: RoleConfig) -> None:
+    """Serve a role until SIGTERM or Ctrl-C."""
+    service = open_service(config)
+    sock = bind(config)
+    host, port = sock.getsockname()[:2]
+    scheme = "https" if config.tls_cert else "http"
+    logger.info("%s listening on %s://%s:%d", config.role, scheme, host, port)
+    if config.port_file:
+        config.port_file.write_text(str(port), encoding="utf-8")
+    server = uvicorn.Server(_server_config(config, service))
+    started = time.monotonic()
+    server.run(sockets=[sock])
+    logger.debug("served for %.1f s", time.monotonic() - started)
+
+
+def _server_config(config: RoleConfig, service: Service) -> uvicorn.Config:
+    return uvicorn.Config(
+        build_role_app(config, service),
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=10,
+        ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
+        ssl_keyfile=str(config.tls_key) if config.tls_key else None,
+        limit_concurrency=4096,
+    )

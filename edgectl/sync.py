@@ -1,0 +1,303 @@
+"""The sync protocol: how queued events become messages on the other side.
+
+Both directions use the same rules:
+
+- Events travel in sequence order. The receiver keeps, per sender and sender
+  file instance, the last sequence it applied, updated in the same transaction
+  as the effects; a batch sent again is recognised and applied only once.
+- The receiver applies a batch up to the first event it rejects for good (an
+  unknown device, a body its chain refuses) and reports that event; everything
+  before it is committed. The sender counts attempts on that event and, past
+  its limit, moves it to the dead letters so the events behind it can flow.
+- An event becomes a message for the receiver's root chain with metadata
+  ``source`` naming the sender, so push nodes never send it back. Attribute
+  updates are stored directly first, and never over a newer value.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from edgectl.changes import AttributeValue
+from edgectl.engine import Engine, Run, log_failures
+from edgectl.message import (
+    ATTRIBUTES_DELETED,
+    ATTRIBUTES_UPDATED,
+    ENTITY_CREATED,
+    META_SCOPE,
+    META_SOURCE,
+    META_TS,
+    POST_ATTRIBUTES_REQUEST,
+    POST_TELEMETRY_REQUEST,
+    TIMESERIES_DELETED,
+    TIMESERIES_UPDATED,
+    EntityRef,
+    Message,
+    normalize_scope,
+    thingsboard_scope,
+)
+from edgectl.nodes.push import POST_ATTRIBUTES
+from edgectl.outbox import Event
+from edgectl.storage import DEVICE, Store
+from edgectl.values import ValueRejected, classify, parse_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WireEvent:
+    """An event as it travels: its sequence, action, entity and parsed body."""
+
+    seq: int
+    action: str
+    entity_type: str
+    entity_name: str
+    body: Any
+    ts: int
+
+    @property
+    def entity(self) -> EntityRef:
+        """The event's originator."""
+        return EntityRef(self.entity_type, self.entity_name)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An event the receiver refused for good, and why."""
+
+    seq: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """How far a batch was applied, and the event that stopped it, if any."""
+
+    applied_through: int
+    rejected: Rejection | None = None
+    applied: int = 0
+
+
+def encode_event(event: Event) -> dict[str, Any]:
+    """The wire form of a stored event; its JSON body is sent as it is stored."""
+    import orjson
+
+    return {
+        "seq": event.seq,
+        "action": event.action,
+        "entity_type": event.entity_type,
+        "entity_name": event.entity_name,
+        "ts": event.ts,
+        "body": orjson.Fragment(event.body),
+    }
+
+
+def decode_events(items: Any) -> list[WireEvent]:
+    """Wire events from a parsed batch; raises ValueRejected for a bad shape."""
+    if not isinstance(items, list):
+        raise ValueRejected("events must be a list")
+    events = []
+    for index, item in enumerate(items):
+        try:
+            events.append(
+                WireEvent(
+                    int(item["seq"]),
+                    str(item["action"]),
+                    str(item["entity_type"]),
+                    str(item["entity_name"]),
+                    item.get("body"),
+                    int(item.get("ts") or 0),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueRejected(f"event {index} is malformed: {error}") from None
+    return events
+
+
+class Receiver:
+    """Applies batches of events from one kind of peer through a root chain.
+
+    ``source`` is the metadata ``source`` the messages get (``edge`` on the
+    cloud, ``cloud`` on the edge). Runs on the writer thread.
+    """
+
+    def __init__(self, store: Store, engine: Engine, source: str) -> None:
+        self.store = store
+        self.engine = engine
+        self.source = source
+
+    def apply(
+        self, events: list[WireEvent], peer_key: str, owner: str | None
+    ) -> tuple[ApplyResult, Run]:
+        """Apply events newer than the peer's cursor, in one transaction.
+
+        ``owner`` is the sending edge's name on the cloud (new devices become
+        its own, and it may only send data for its own devices); None on the
+        edge. Returns the result and the run, whose changes were committed.
+        """
+        applied = self.store.applied_seq(peer_key)
+        fresh = [event for event in events if event.seq > applied]
+        run, rejection = self._run(fresh, owner)
+        if rejection is not None:
+            fresh = [event for event in fresh if event.seq < rejection.seq]
+            run, _ = self._run(fresh, owner)
+        through = max([applied, *(event.seq for event in fresh)])
+        self.store.apply(run.changes, cursor=(peer_key, through))
+        log_failures(run.failures)
+        return ApplyResult(through, rejection, len(fresh)), run
+
+    def _run(
+        self, events: list[WireEvent], owner: str | None
+    ) -> tuple[Run, Rejection | None]:
+        run = Run(store=self.store)
+        messages: list[Message] = []
+        seqs: list[int] = []
+        for event in events:
+            try:
+                converted = self._messages(event, run, owner)
+            except ValueRejected as error:
+                return self._rerun_before(event.seq, events, owner, str(error))
+            for message in converted:
+                message.order = len(messages)
+                messages.append(message)
+                seqs.append(event.seq)
+        self.engine.run(messages, run)
+        if run.failures:
+            first = min(seqs[failure.message.order] for failure in run.failures)
+            error = next(
+                f.error for f in run.failures if seqs[f.message.order] == first
+            )
+            return run, Rejection(first, f"the chain refused it: {error}")
+        return run, None
+
+    def _rerun_before(
+        self, seq: int, events: list[WireEvent], owner: str | None, error: str
+    ) -> tuple[Run, Rejection | None]:
+        before = [event for event in events if event.seq < seq]
+        run, _ = self._run(before, owner)
+        return run, Rejection(seq, error)
+
+    def _messages(self, event: WireEvent, run: Run, owner: str | None) -> list[Message]:
+        if event.action == ENTITY_CREATED:
+            return self._create(event, owner)
+        entity = self.store.entity(event.entity)
+        if entity is None:
+            raise ValueRejected(
+                f"unknown {event.entity_type.lower()} {event.entity_name!r}: it was "
+                "never announced with ENTITY_CREATED"
+            )
+        if owner is not None and entity.edge not in (None, owner):
+            raise ValueRejected(
+                f"{event.entity_name!r} belongs to edge {entity.edge!r}, not {owner!r}"
+            )
+        metadata = {
+            "deviceName": entity.name,
+            "deviceType": entity.type,
+            META_SOURCE: self.source,
+            META_TS: str(event.ts),
+        }
+        return self._convert(event, metadata, run)
+
+    def _create(self, event: WireEvent, owner: str | None) -> list[Message]:
+        body = event.body if isinstance(event.body, dict) else {}
+        entity = self.store.add_entity(
+            event.entity, type=str(body.get("type") or "default"), edge=owner
+        )
+        if owner is not None and entity.edge != owner:
+            raise ValueRejected(
+                f"{event.entity_name!r} already belongs to edge {entity.edge!r}"
+            )
+        metadata = {
+            "deviceName": entity.name,
+            "deviceType": entity.type,
+            META_SOURCE: self.source,
+        }
+        return [Message(ENTITY_CREATED, event.entity, body, metadata)]
+
+    def _convert(
+        self, event: WireEvent, metadata: dict[str, str], run: Run
+    ) -> list[Message]:
+        body = event.body
+        if not isinstance(body, dict):
+            raise ValueRejected(f"{event.action} body must be an object")
+        if event.action == TIMESERIES_UPDATED:
+            metadata[META_TS] = str(body.get("ts", event.ts))
+            return [Message(POST_TELEMETRY_REQUEST, event.entity, body.get("data"), metadata)]
+        scope = normalize_scope(str(body.get("scope") or "server"))
+        if scope is None:
+            raise ValueRejected(f"unknown scope {body.get('scope')!r}")
+        metadata[META_SCOPE] = thingsboard_scope(scope)
+        if event.action == POST_ATTRIBUTES:
+            metadata[META_TS] = str(body.get("ts", event.ts))
+            return [Message(POST_ATTRIBUTES_REQUEST, event.entity, body.get("kv"), metadata)]
+        if event.action == ATTRIBUTES_UPDATED:
+            return self._updated(event, body, scope, metadata, run)
+        if event.action == ATTRIBUTES_DELETED:
+            return self._deleted(event, body, scope, metadata, run)
+        if event.action == TIMESERIES_DELETED:
+            data = body.get("data", body)
+            return [Message(TIMESERIES_DELETED, event.entity, data, metadata)]
+        raise ValueRejected(f"unsupported action {event.action}")
+
+    def _updated(
+        self,
+        event: WireEvent,
+        body: dict[str, Any],
+        scope: str,
+        metadata: dict[str, str],
+        run: Run,
+    ) -> list[Message]:
+        kv, ts = body.get("kv"), int(body.get("ts", event.ts))
+        if not isinstance(kv, dict):
+            raise ValueRejected("ATTRIBUTES_UPDATED needs a kv object")
+        applied = {}
+        for key, value in kv.items():
+            kind, stored = classify(value)
+            current = run.read_attribute(event.entity, scope, key)
+            if current is not None and current.last_update_ts > ts:
+                continue
+            run.changes.set_attribute(
+                event.entity, scope, key, AttributeValue(kind, stored, ts)
+            )
+            applied[key] = value
+        if not applied:
+            return []
+        metadata[META_TS] = str(ts)
+        return [Message(ATTRIBUTES_UPDATED, event.entity, applied, metadata)]
+
+    def _deleted(
+        self,
+        event: WireEvent,
+        body: dict[str, Any],
+        scope: str,
+        metadata: dict[str, str],
+        run: Run,
+    ) -> list[Message]:
+        keys = body.get("keys")
+        if not isinstance(keys, list):
+            raise ValueRejected("ATTRIBUTES_DELETED needs a keys list")
+        for key in keys:
+            run.changes.delete_attribute(event.entity, scope, str(key))
+        data = {"attributes": [str(key) for key in keys]}
+        return [Message(ATTRIBUTES_DELETED, event.entity, data, metadata)]
+
+
+def peer_key(kind: str, name: str, instance: str) -> str:
+    """The cursor name of one sender file: ``edge:site-1:3fa2...``."""
+    return f"{kind}:{name}:{instance}"
+
+
+def parse_batch(raw: bytes) -> dict[str, Any]:
+    """Parse a sync request body; raises ValueRejected with the reason."""
+    try:
+        data = parse_json(raw)
+    except ValueError as error:
+        raise ValueRejected(f"body is not JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueRejected("body must be a JSON object")
+    return data
+
+
+DEVICE_TYPE = DEVICE
