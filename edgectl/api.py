@@ -85,6 +85,7 @@ class Service:
     metrics: Metrics
     limits: Limits = field(default_factory=Limits)
     loop: asyncio.AbstractEventLoop | None = None
+    closing: asyncio.Event | None = None
     _watchers: dict[EntityRef, list[asyncio.Future[Any]]] = field(
         default_factory=lambda: defaultdict(list)
     )
@@ -106,6 +107,23 @@ class Service:
                     waiter.set_result(update)
         for edge in edges:
             self._edge_waiters.setdefault(edge, asyncio.Event()).set()
+
+    async def wait(self, awaitable: Awaitable[Any], seconds: float) -> bool:
+        """Wait for ``awaitable`` up to ``seconds``; False on timeout or shutdown.
+
+        Long polls end early when the server begins to stop, so a graceful
+        stop does not wait for them to time out.
+        """
+        first = asyncio.ensure_future(awaitable)
+        tasks = {first}
+        if self.closing is not None:
+            tasks.add(asyncio.ensure_future(self.closing.wait()))
+        done, pending = await asyncio.wait(
+            tasks, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+        return first in done
 
     def edge_waiter(self, edge: str) -> asyncio.Event:
         """The event set when new events for ``edge`` are committed."""
@@ -298,13 +316,12 @@ async def attribute_updates(service: Service, request: Request) -> Response:
     waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     watchers.append(waiter)
     try:
-        update = await asyncio.wait_for(waiter, timeout / 1000)
-    except TimeoutError:
-        return Response(status_code=408)
+        if not await service.wait(waiter, timeout / 1000):
+            return Response(status_code=408)
     finally:
         if waiter in watchers:
             watchers.remove(waiter)
-    return JSONResponse(update)
+    return JSONResponse(waiter.result())
 
 
 def _timeout_ms(raw: str) -> int:
@@ -395,11 +412,7 @@ async def downlink(service: Service, request: Request) -> Response:
     events = await asyncio.to_thread(
         read_pending, service.store, EDGE_QUEUE, edge.name, delivered, limit
     )
-    if not events and wait:
-        try:
-            await asyncio.wait_for(waiter.wait(), wait)
-        except TimeoutError:
-            pass
+    if not events and wait and await service.wait(waiter.wait(), wait):
         events = await asyncio.to_thread(
             read_pending, service.store, EDGE_QUEUE, edge.name, delivered, limit
         )

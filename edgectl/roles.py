@@ -98,6 +98,7 @@ def build_role_app(config: RoleConfig, service: Service) -> Starlette:
 @contextlib.asynccontextmanager
 async def _lifespan(config: RoleConfig, service: Service) -> AsyncIterator[None]:
     service.loop = asyncio.get_running_loop()
+    service.closing = asyncio.Event()
     service.writer.start()
     stop = asyncio.Event()
     tasks = [asyncio.create_task(_expire_loop(config, service, stop))]
@@ -201,10 +202,24 @@ def run_role(config: RoleConfig) -> None:
     logger.info("%s listening on %s://%s:%d", config.role, scheme, host, port)
     if config.port_file:
         config.port_file.write_text(str(port), encoding="utf-8")
-    server = uvicorn.Server(_server_config(config, service))
+    server = _Server(_server_config(config, service), service)
     started = time.monotonic()
     server.run(sockets=[sock])
     logger.debug("served for %.1f s", time.monotonic() - started)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, ending long polls as soon as a stop is asked for."""
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        closing, loop = self.service.closing, self.service.loop
+        if closing is not None and loop is not None:
+            loop.call_soon_threadsafe(closing.set)
+        super().handle_exit(sig, frame)
 
 
 def _server_config(config: RoleConfig, service: Service) -> uvicorn.Config:

@@ -1,0 +1,196 @@
+"""A real cloud and a real edge as subprocesses, syncing over loopback HTTP."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+
+from conftest import wait_for
+
+from edgectl import remote
+
+KEY, SECRET = "site-1-key", "site-1-secret"
+
+
+def cloud_rows(cloud, table: str, **filters) -> list[dict]:
+    params = {"limit": 100000, **filters}
+    return remote.call(cloud.url, "GET", f"/api/edgectl/tables/{table}", params=params)
+
+
+def add_device(edge, name: str, token: str, kind: str = "thermometer") -> None:
+    body = {"name": name, "type": kind, "token": token}
+    remote.call(edge.url, "POST", "/api/edgectl/devices", body)
+
+
+@pytest.fixture
+def pair(roles):
+    """A cloud with one registered edge, and that edge syncing to it."""
+    cloud = roles("cloud")
+    remote.call(cloud.url, "POST", "/api/edgectl/edges", {"name": "site-1", "key": KEY, "secret": SECRET})
+    edge = roles(
+        "edge", "--cloud", cloud.url, "--edge-key", KEY,
+        env={"EDGECTL_EDGE_SECRET": SECRET},
+    )
+    return cloud, edge
+
+
+def post(edge, token: str, path: str, body) -> httpx.Response:
+    return httpx.post(f"{edge.url}/api/v1/{token}/{path}", json=body, timeout=10)
+
+
+def test_telemetry_and_attributes_reach_the_cloud_with_types_and_ts(pair):
+    cloud, edge = pair
+    add_device(edge, "boiler", "T-boiler")
+    readings = {"temp": 21.5, "count": 9007199254740993, "on": True, "code": "00042", "cfg": {"a": [1, 2]}}
+    assert post(edge, "T-boiler", "telemetry", {"ts": 1700000000000, "values": readings}).status_code == 200
+    assert post(edge, "T-boiler", "attributes", {"firmware": "1.2.3", "slot": 4}).status_code == 200
+
+    rows = wait_for(lambda: len(cloud_rows(cloud, "ts_kv")) == 5 and cloud_rows(cloud, "ts_kv"), what="readings on the cloud")
+    got = {row["key"]: (row["value"], row["type"], row["ts"]) for row in rows}
+    assert got == {
+        "temp": (21.5, "double", 1700000000000),
+        "count": (9007199254740993, "long", 1700000000000),
+        "on": (True, "boolean", 1700000000000),
+        "code": ("00042", "string", 1700000000000),
+        "cfg": ({"a": [1, 2]}, "json", 1700000000000),
+    }
+    attributes = wait_for(lambda: cloud_rows(cloud, "attribute_kv"), what="attributes on the cloud")
+    assert {(a["key"], a["value"], a["scope"]) for a in attributes} == {
+        ("firmware", "1.2.3", "client"), ("slot", 4, "client")
+    }
+    devices = remote.call(cloud.url, "GET", "/api/edgectl/devices")
+    assert devices == [{"name": "boiler", "type": "thermometer", "edge": "site-1"}]
+
+
+def test_readings_posted_while_the_cloud_is_down_arrive_once_in_order(pair):
+    cloud, edge = pair
+    add_device(edge, "meter", "T-meter")
+    cloud.stop()
+    for number in range(100):
+        body = {"ts": 1700000000000 + number, "values": {"n": number}}
+        assert post(edge, "T-meter", "telemetry", body).status_code == 200
+    queued = remote.call(edge.url, "GET", "/api/edgectl/tables")["queues"][0]
+    assert queued["pending"] >= 100
+
+    cloud.start()
+    rows = wait_for(lambda: len(cloud_rows(cloud, "ts_kv")) >= 100 and cloud_rows(cloud, "ts_kv"), what="the backlog")
+    assert len(rows) == 100
+    oldest_first = sorted(rows, key=lambda row: row["ts"])
+    assert [row["value"] for row in oldest_first] == list(range(100))
+    wait_for(lambda: remote.call(edge.url, "GET", "/api/edgectl/tables")["queues"][0]["pending"] == 0, what="an empty queue")
+
+
+def test_edge_started_while_the_cloud_is_down_drains_when_it_comes_up(roles):
+    cloud = roles("cloud")
+    remote.call(cloud.url, "POST", "/api/edgectl/edges", {"name": "site-1", "key": KEY, "secret": SECRET})
+    cloud.stop()
+    edge = roles("edge", "--cloud", cloud.url, "--edge-key", KEY, env={"EDGECTL_EDGE_SECRET": SECRET})
+    add_device(edge, "late", "T-late")
+    for number in range(10):
+        assert post(edge, "T-late", "telemetry", {"n": number}).status_code == 200
+    cloud.start()
+    wait_for(lambda: len(cloud_rows(cloud, "ts_kv")) == 10, timeout=40, what="the queue to drain")
+
+
+def test_shared_attribute_set_on_the_cloud_reaches_the_edge_and_wakes_the_long_poll_once(pair):
+    cloud, edge = pair
+    add_device(edge, "valve", "T-valve")
+    wait_for(lambda: remote.call(cloud.url, "GET", "/api/edgectl/devices"), what="the device on the cloud")
+    answers: list[httpx.Response] = []
+    poller = threading.Thread(
+        target=lambda: answers.append(
+            httpx.get(f"{edge.url}/api/v1/T-valve/attributes/updates?timeout=20000", timeout=30)
+        )
+    )
+    poller.start()
+    wait_for(lambda: True, timeout=0.5)
+    path = "/api/plugins/telemetry/DEVICE/valve/attributes/SHARED_SCOPE"
+    remote.call(cloud.url, "POST", path, {"setpoint": 42, "mode": "eco"})
+    poller.join(30)
+
+    assert [a.status_code for a in answers] == [200]
+    assert answers[0].json() == {"setpoint": 42, "mode": "eco"}
+    shared = httpx.get(f"{edge.url}/api/v1/T-valve/attributes?sharedKeys=setpoint,mode").json()
+    assert shared == {"shared": {"setpoint": 42, "mode": "eco"}}
+    # Not echoed back: the edge's queue holds only the device's creation.
+    assert edge_dead_and_pending(edge) == (0, 0)
+    quiet = httpx.get(f"{edge.url}/api/v1/T-valve/attributes/updates?timeout=500", timeout=5)
+    assert quiet.status_code == 408
+
+
+def edge_dead_and_pending(edge) -> tuple[int, int]:
+    queue = remote.call(edge.url, "GET", "/api/edgectl/tables")["queues"][0]
+    return queue["dead_letters"], queue["pending"]
+
+
+def uplink(cloud, events, *, secret=SECRET, after=0, instance="abcdef0123456789"):
+    body = {"instance": instance, "after": after, "events": events}
+    return httpx.post(f"{cloud.url}/api/edge/v1/uplink", json=body, auth=(KEY, secret), timeout=10)
+
+
+def test_a_batch_sent_twice_is_applied_once(roles):
+    cloud = roles("cloud")
+    remote.call(cloud.url, "POST", "/api/edgectl/edges", {"name": "site-1", "key": KEY, "secret": SECRET})
+    events = [
+        {"seq": 1, "action": "ENTITY_CREATED", "entity_type": "DEVICE", "entity_name": "pump", "ts": 0, "body": {"type": "pump"}},
+        {"seq": 2, "action": "TIMESERIES_UPDATED", "entity_type": "DEVICE", "entity_name": "pump", "ts": 5, "body": {"data": {"rpm": 1200}, "ts": 5}},
+        {"seq": 3, "action": "ATTRIBUTES_UPDATED", "entity_type": "DEVICE", "entity_name": "pump", "ts": 6, "body": {"kv": {"mode": "auto"}, "ts": 6, "scope": "server"}},
+    ]
+    first, again = uplink(cloud, events), uplink(cloud, events)
+
+    assert first.json() == {"applied_through": 3, "rejected": None}
+    assert again.json() == {"applied_through": 3, "rejected": None}
+    assert [(r["key"], r["value"]) for r in cloud_rows(cloud, "ts_kv")] == [("rpm", 1200)]
+    metrics = httpx.get(f"{cloud.url}/metrics").text
+    assert 'edgectl_events_received_total{role="cloud"} 3' in metrics
+
+
+def test_wrong_edge_secret_is_refused_with_401(roles):
+    cloud = roles("cloud")
+    remote.call(cloud.url, "POST", "/api/edgectl/edges", {"name": "site-1", "key": KEY, "secret": SECRET})
+    answer = uplink(cloud, [], secret="not-the-secret")
+    assert answer.status_code == 401
+    assert answer.json() == {"error": "wrong edge key or secret"}
+    assert httpx.get(f"{cloud.url}/api/edge/v1/hello").status_code == 401
+
+
+POISON_CLOUD_CHAIN = """
+name: Cloud chain that refuses poison
+entry: route
+nodes:
+  - id: route
+    type: message_type_switch
+    next:
+      Post telemetry: check
+  - id: check
+    type: filter
+    config:
+      script: |
+        if (msg.n === 5) { throw new Error("reading 5 is poison"); }
+        return true;
+    next:
+      True: save
+  - id: save
+    type: save_timeseries
+"""
+
+
+def test_a_poison_event_is_dead_lettered_while_the_rest_flow(roles, tmp_path):
+    chain = tmp_path / "cloud-chain.yaml"
+    chain.write_text(POISON_CLOUD_CHAIN)
+    cloud = roles("cloud", "--chain", str(chain))
+    remote.call(cloud.url, "POST", "/api/edgectl/edges", {"name": "site-1", "key": KEY, "secret": SECRET})
+    edge = roles("edge", "--cloud", cloud.url, "--edge-key", KEY, env={"EDGECTL_EDGE_SECRET": SECRET})
+    add_device(edge, "probe", "T-probe")
+    for number in range(10):
+        assert post(edge, "T-probe", "telemetry", {"ts": 1000 + number, "values": {"n": number}}).status_code == 200
+
+    rows = wait_for(lambda: len(cloud_rows(cloud, "ts_kv")) == 9 and cloud_rows(cloud, "ts_kv"), timeout=40, what="the rest to flow")
+    assert sorted(row["value"] for row in rows) == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    dead = remote.call(edge.url, "POST", "/api/edgectl/replay/list", {"state": "dead"})
+    assert len(dead) == 1
+    assert dead[0]["attempts"] == 3
+    assert "reading 5 is poison" in dead[0]["last_error"]
+    wait_for(lambda: edge_dead_and_pending(edge) == (1, 0), what="an empty queue")
