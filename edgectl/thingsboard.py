@@ -16,11 +16,12 @@ deduplicated saves, are reported as warnings rather than dropped in silence.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,22 @@ _SCRIPT_TYPES = {
     TRANSFORM_CLASS: "transform",
     LOG_CLASS: "log",
 }
+# Why edgectl cannot run node classes that ThingsBoard's own chains use often.
+_UNSUPPORTED_REASONS = {
+    f"{_ENGINE}.rpc.TbSendRPCRequestNode": (
+        "edgectl does not send RPC requests to devices"
+    ),
+    f"{_ENGINE}.rpc.TbSendRPCReplyNode": "edgectl does not answer device RPC requests",
+    f"{_ENGINE}.profile.TbDeviceProfileNode": (
+        "edgectl does not evaluate device profile alarm rules"
+    ),
+    f"{_ENGINE}.transform.TbChangeOriginatorNode": (
+        "edgectl cannot change a message's originator"
+    ),
+    f"{_ENGINE}.filter.TbCheckMessageNode": (
+        "edgectl has no node that checks for keys; a filter script can do the same"
+    ),
+}
 # Calls that TBEL (MVEL, on Java objects) allows and JavaScript values lack: a
 # TBEL script using them compiles as JavaScript and then throws at run time.
 _JAVA_METHODS = re.compile(
@@ -97,8 +114,9 @@ class UnsupportedNode:
 class ImportResult:
     """An imported chain: YAML text to write, the plain document, and findings.
 
-    ``unsupported`` lists the nodes written as placeholders; ``warnings`` the
-    ThingsBoard settings edgectl does not honour, one sentence each.
+    ``unsupported`` lists the nodes written as placeholders; ``warnings`` says,
+    one sentence each, where the chain will run differently from ThingsBoard
+    (settings edgectl does not honour, TBEL calls JavaScript lacks).
     """
 
     yaml: str
@@ -202,8 +220,8 @@ def _split(data: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str,
     if not isinstance(metadata, dict):
         raise ThingsBoardImportError(
             f"{source}: no 'metadata' object with the chain's nodes; expected a "
-            "ThingsBoard rule chain export ({\"ruleChain\": ..., \"metadata\": "
-            "...}) or its bare metadata ({\"nodes\": ..., \"connections\": ...})"
+            'ThingsBoard rule chain export ({"ruleChain": ..., "metadata": '
+            '...}) or its bare metadata ({"nodes": ..., "connections": ...})'
         )
     if rule_chain is not None and not isinstance(rule_chain, dict):
         raise ThingsBoardImportError(
@@ -264,7 +282,7 @@ def slugify(name: str) -> str:
     return re.sub(r"[\W_]+", "-", name.lower()).strip("-") or "node"
 
 
-def unique_ids(names: Iterator[str] | list[str]) -> list[str]:
+def unique_ids(names: Iterable[str]) -> list[str]:
     """Slug ids for names in order, later repeats numbered ``-2``, ``-3``..."""
     ids: list[str] = []
     taken: set[str] = set()
@@ -286,10 +304,12 @@ def _convert(
     converter = _CONVERTERS.get(node.type)
     try:
         if converter is None:
-            raise _NotSupported("edgectl has no node type for this class")
+            reason = _UNSUPPORTED_REASONS.get(node.type, "edgectl has no such node")
+            raise _NotSupported(reason)
         item["type"], config = converter(node)
         problem = None
     except _NotSupported as error:
+        node.warnings.clear()
         problem = UnsupportedNode(node.name, node.index, node.type, str(error))
         item["type"] = "unsupported"
         original = raw.get("configuration")
@@ -318,18 +338,28 @@ def _message_type_switch(node: _Node) -> tuple[str, dict[str, Any]]:
 
 
 def _save_timeseries(node: _Node) -> tuple[str, dict[str, Any]]:
-    ttl = node.config.get("defaultTTL")
+    raw = node.config.get("defaultTTL")
+    ttl = _seconds(0 if raw is None else raw)
     if ttl is None:
-        ttl = 0
-    if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0:
         raise _NotSupported(
-            f"defaultTTL must be a whole number of seconds, got {json.dumps(ttl)}"
+            f"defaultTTL must be a whole number of seconds, got {json.dumps(raw)}"
         )
     return "save_timeseries", {
         "latest": _latest(node),
         "ttl": ttl,
         "use_server_ts": _flag(node, "useServerTs", default=False),
     }
+
+
+def _seconds(value: Any) -> int | None:
+    """A non-negative whole number, as Jackson reads one from JSON or text."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 def _latest(node: _Node) -> str:
@@ -341,9 +371,8 @@ def _latest(node: _Node) -> str:
     """
     settings = node.config.get("processingSettings")
     if not isinstance(settings, dict):
-        return "skip" if _flag(node, "skipLatestPersistence", default=False) else (
-            "on_every_message"
-        )
+        skips = _flag(node, "skipLatestPersistence", default=False)
+        return "skip" if skips else "on_every_message"
     kind = settings.get("type")
     if kind != "ADVANCED":
         _check_settings(node, kind, settings)
@@ -394,7 +423,11 @@ def _strategy_text(settings: dict[str, Any], target: str) -> str:
     if kind == "SKIP":
         return "never"
     strategy = settings.get(target)
-    seconds = strategy.get("deduplicationIntervalSecs") if strategy else None
+    seconds = (
+        strategy.get("deduplicationIntervalSecs")
+        if isinstance(strategy, dict)
+        else None
+    )
     if kind == "DEDUPLICATE":
         return f"once per originator every {seconds} s"
     return f"with strategy {kind}"
@@ -461,8 +494,7 @@ def _scope(node: _Node) -> str:
     scope = _SCOPES.get(raw) if isinstance(raw, str) else None
     if scope is None:
         raise _NotSupported(
-            f"scope {json.dumps(raw)} is not CLIENT_SCOPE, SERVER_SCOPE or "
-            "SHARED_SCOPE"
+            f"scope {json.dumps(raw)} is not CLIENT_SCOPE, SERVER_SCOPE or SHARED_SCOPE"
         )
     return scope
 
@@ -484,10 +516,11 @@ def _script(node: _Node) -> tuple[str, dict[str, Any]]:
     if language not in ("JS", "TBEL"):
         raise _NotSupported(f"scriptLang {json.dumps(language)} is not JS or TBEL")
     field_name = "tbelScript" if language == "TBEL" else "jsScript"
-    script = node.config.get(field_name)
-    if kind == "log" and (not script or script.strip() == DEFAULT_LOG_SCRIPT):
+    value = node.config.get(field_name)
+    script = value if isinstance(value, str) else ""
+    if kind == "log" and script.strip() in ("", DEFAULT_LOG_SCRIPT):
         return kind, {}
-    if not isinstance(script, str) or not script.strip():
+    if not script.strip():
         raise _NotSupported(f"scriptLang is {language} but {field_name} is empty")
     if language == "JS":
         return kind, {"script": script}
@@ -592,7 +625,9 @@ def _add_relations(
             item["next"][label] = targets[0] if len(targets) == 1 else targets
 
 
-def _connections(metadata: dict[str, Any], source: str) -> Iterator[tuple[int, int, str]]:
+def _connections(
+    metadata: dict[str, Any], source: str
+) -> Iterator[tuple[int, int, str]]:
     connections = metadata.get("connections") or []
     base = len(metadata.get("nodes") or [])
     legacy = metadata.get("ruleChainConnections") or []
@@ -656,11 +691,17 @@ def _header(
     warnings: list[str],
     ids: list[str],
 ) -> str:
-    kind = rule_chain.get("type") or ("CORE" if rule_chain else "bare metadata")
-    lines = [
-        f"Imported from {source} by `edgectl import thingsboard`",
-        f"(ThingsBoard rule chain, type {kind}).",
-    ]
+    if rule_chain:
+        kind = rule_chain.get("type") or "CORE"
+        what = f"ThingsBoard rule chain '{rule_chain.get('name')}', type {kind}"
+    else:
+        what = "bare ThingsBoard rule chain metadata"
+    lines = textwrap.wrap(
+        f"Imported from {source} by `edgectl import thingsboard` ({what}).",
+        86,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
     if unsupported:
         lines += ["", "Placeholders: every message sent to them goes to Failure."]
         lines += [
@@ -669,7 +710,7 @@ def _header(
             for node in unsupported
         ]
     if warnings:
-        lines += ["", "ThingsBoard settings edgectl does not honour:"]
+        lines += ["", "Import warnings:"]
         for warning in warnings:
             lines += textwrap.wrap(
                 warning, width=84, initial_indent="- ", subsequent_indent="  "
@@ -693,18 +734,23 @@ def render_yaml(document: dict[str, Any], header: str = "") -> str:
     ``header`` becomes a comment at the top. Scripts that a literal block
     cannot hold exactly (trailing spaces, say) are written quoted instead.
     """
-    for literal in (True, False):
-        tree = _tree(document, literal)
-        nodes = tree["nodes"]
-        for index in range(1, len(nodes)):
-            nodes.yaml_set_comment_before_after_key(index, before="\n")
-        if header:
-            tree.yaml_set_start_comment(header)
-        text = _dump(tree)
-        parsed = parse_yaml(text, "<import>")
-        if getattr(parsed, "plain", None) == document:
-            return text
-    raise AssertionError("the chain document does not survive YAML")  # pragma: no cover
+    text = _dump(document, header, literal=True)
+    parsed = parse_yaml(text, "<chain>")
+    if getattr(parsed, "plain", None) == document:
+        return text
+    return _dump(document, header, literal=False)
+
+
+def _dump(document: dict[str, Any], header: str, *, literal: bool) -> str:
+    tree = _tree(document, literal)
+    nodes = tree["nodes"]
+    for index in range(1, len(nodes)):
+        nodes.yaml_set_comment_before_after_key(index, before="\n")
+    if header:
+        tree.yaml_set_start_comment(header)
+    stream = io.StringIO()
+    _yaml().dump(tree, stream)
+    return stream.getvalue()
 
 
 def _tree(value: Any, literal: bool) -> Any:
@@ -718,14 +764,6 @@ def _tree(value: Any, literal: bool) -> Any:
     if literal and isinstance(value, str) and "\n" in value:
         return LiteralScalarString(value)
     return value
-
-
-def _dump(tree: Any) -> str:
-    import io
-
-    stream = io.StringIO()
-    _yaml().dump(tree, stream)
-    return stream.getvalue()
 
 
 # -- export ------------------------------------------------------------------
