@@ -277,6 +277,175 @@ def inspect_tables(
         render.overview(out, data)
 
 
+@app.command()
+def ingest(
+    file: Annotated[Path, typer.Argument(help="CSV-like file of readings.")],
+    url: UrlOption = None,
+    db: DbOption = None,
+    chain: Annotated[Path | None, typer.Option(help="With --db: the edge's chain.")] = None,
+    mapping: Annotated[Path | None, typer.Option(help="Mapping YAML.")] = None,
+    separator: Annotated[str | None, typer.Option(help="',', ';', tab, space.")] = None,
+    decimal_comma: Annotated[bool | None, typer.Option(help="2,5 means 2.5.")] = None,
+    header: Annotated[bool | None, typer.Option(help="First line names columns.")] = None,
+    columns: Annotated[str | None, typer.Option(help="Names, comma-separated.")] = None,
+    timestamp_column: Annotated[list[str] | None, typer.Option(help="Repeatable.")] = None,
+    timestamp_format: Annotated[
+        str | None, typer.Option(help="strptime format, epoch_ms or epoch_s.")
+    ] = None,
+    timezone: Annotated[str | None, typer.Option(help="IANA zone of wall times.")] = None,
+    device_column: Annotated[str | None, typer.Option(help="One device per value.")] = None,
+    device: Annotated[str | None, typer.Option(help="Device name (default: file stem).")] = None,
+    device_prefix: Annotated[str | None, typer.Option(help="Prefix of device names.")] = None,
+    device_type: Annotated[str | None, typer.Option(help="Type of new devices.")] = None,
+    skip_column: Annotated[list[str] | None, typer.Option(help="Repeatable.")] = None,
+    missing: Annotated[list[str] | None, typer.Option(help="Sentinel; repeatable.")] = None,
+    token: Annotated[str | None, typer.Option(help="One device's token.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per request.")] = 500,
+    dry_run: Annotated[bool, typer.Option(help="Read and count only.")] = False,
+) -> None:
+    """Backfill readings from a CSV file into an edge, with a progress bar."""
+    from edgectl import ingest as library
+    from edgectl.render import ingest_summary, progress_bar
+
+    given = {
+        "separator": library.parse_separator(separator) if separator else None,
+        "decimal_comma": decimal_comma, "has_header": header,
+        "columns": tuple(columns.split(",")) if columns else None,
+        "timestamp_columns": tuple(timestamp_column) if timestamp_column else None,
+        "timestamp_format": timestamp_format, "timezone": timezone,
+        "device_column": device_column, "device_name": device,
+        "device_prefix": device_prefix, "device_type": device_type,
+        "skip_columns": tuple(skip_column) if skip_column else None,
+        "missing_values": tuple(missing) if missing else None,
+    }
+    rules = library.build_mapping(file, mapping, given)
+    if not dry_run:
+        _one_target(db, url)
+    with progress_bar(err, f"ingesting {file.name}") as advance:
+        if dry_run:
+            summary = library.summarize_file(file, rules, progress=advance)
+        elif url:
+            token_for = (lambda _device: token) if token else None
+            summary = library.ingest_http(
+                file, rules, url=url, token_for=token_for, batch_size=batch_size,
+                progress=advance,
+            )
+        else:
+            summary = _ingest_db(library, file, rules, db, chain, advance)
+    ingest_summary(out, summary)
+
+
+def _ingest_db(library: Any, file: Path, rules: Any, db: Any, chain: Any, advance: Any) -> Any:
+    from edgectl.checks import load_chain
+    from edgectl.engine import BuildContext, Engine
+    from edgectl.roles import example_chain
+
+    chain_path = chain or example_chain("edge")
+    engine = Engine(load_chain(chain_path), BuildContext(load_chain))
+    store = open_store(db, create=True)
+    try:
+        return library.ingest_store(file, rules, store=store, engine=engine, progress=advance)
+    finally:
+        engine.close()
+        store.close()
+
+
+replay_app = typer.Typer(
+    help="Queued and dead-lettered events: list, re-queue, purge.", no_args_is_help=True
+)
+app.add_typer(replay_app, name="replay")
+
+
+def _selection(**fields: Any) -> Any:
+    from edgectl.replay import Selection
+
+    return Selection(**{k: v for k, v in fields.items() if v is not None})
+
+
+QueueOption = Annotated[
+    str | None, typer.Option(help="cloud_event (edge) or edge_event (cloud).")
+]
+FirstOption = Annotated[int | None, typer.Option(help="From this sequence.")]
+LastOption = Annotated[int | None, typer.Option(help="Up to this sequence.")]
+DeviceOption = Annotated[str | None, typer.Option(help="Only this device.")]
+ActionOption = Annotated[str | None, typer.Option(help="Only this action.")]
+EdgeOption = Annotated[str | None, typer.Option(help="Cloud: only this edge.")]
+SinceOption = Annotated[int | None, typer.Option(help="Queued from this epoch ms.")]
+UntilOption = Annotated[int | None, typer.Option(help="Queued up to this epoch ms.")]
+
+
+def _replay(action: str, db: Path | None, url: str | None, selection: Any, dry_run: bool) -> Any:
+    from edgectl import remote, replay
+
+    _one_target(db, url)
+    if url:
+        body = {**vars_of(selection), "dry_run": dry_run}
+        return remote.call(url, "POST", f"/api/edgectl/replay/{action}", body)
+    store = open_store(db) if db else None
+    try:
+        if action == "list":
+            return replay.list_events(store, selection)
+        operation = replay.requeue_dead if action == "requeue" else replay.purge
+        return {"count": operation(store, selection, dry_run=dry_run), "dry_run": dry_run}
+    finally:
+        store.close()
+
+
+@replay_app.command("list")
+def replay_list(
+    db: DbOption = None, url: UrlOption = None, queue: QueueOption = None,
+    dead: Annotated[bool, typer.Option(help="Dead letters instead of pending.")] = False,
+    first: FirstOption = None, last: LastOption = None, since: SinceOption = None,
+    until: UntilOption = None, device: DeviceOption = None, action: ActionOption = None,
+    edge: EdgeOption = None, limit: Annotated[int, typer.Option()] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List pending (or dead-lettered) events by sequence, time, device, action."""
+    from edgectl import render
+
+    selection = _selection(
+        queue=queue, state="dead" if dead else "pending", first=first, last=last,
+        since=since, until=until, device=device, action=action, edge=edge, limit=limit,
+    )
+    found = _replay("list", db, url, selection, False)
+    print_json(found) if as_json else render.rows(out, "events", found)
+
+
+@replay_app.command("requeue")
+def replay_requeue(
+    db: DbOption = None, url: UrlOption = None, queue: QueueOption = None,
+    first: FirstOption = None, last: LastOption = None, device: DeviceOption = None,
+    action: ActionOption = None, edge: EdgeOption = None,
+    dry_run: Annotated[bool, typer.Option(help="Count only.")] = False,
+) -> None:
+    """Put dead letters back in the queue (after fixing what refused them)."""
+    selection = _selection(
+        queue=queue, state="dead", first=first, last=last, device=device,
+        action=action, edge=edge,
+    )
+    answer = _replay("requeue", db, url, selection, dry_run)
+    verb = "would re-queue" if dry_run else "re-queued"
+    out.print(f"{verb} {answer['count']} event(s)")
+
+
+@replay_app.command("purge")
+def replay_purge(
+    db: DbOption = None, url: UrlOption = None, queue: QueueOption = None,
+    dead: Annotated[bool, typer.Option(help="Purge dead letters.")] = False,
+    first: FirstOption = None, last: LastOption = None, device: DeviceOption = None,
+    action: ActionOption = None, edge: EdgeOption = None,
+    dry_run: Annotated[bool, typer.Option(help="Count only.")] = False,
+) -> None:
+    """Delete dead letters, or drop pending events up to --last (never sent)."""
+    selection = _selection(
+        queue=queue, state="dead" if dead else "pending", first=first, last=last,
+        device=device, action=action, edge=edge,
+    )
+    answer = _replay("purge", db, url, selection, dry_run)
+    verb = "would purge" if dry_run else "purged"
+    out.print(f"{verb} {answer['count']} event(s)")
+
+
 def vars_of(value: Any) -> dict[str, Any]:
     """The fields of a dataclass as a dict."""
     import dataclasses

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgectl.values import dumps
@@ -81,3 +84,40 @@ def _cell(value: Any) -> str:
     if isinstance(value, str):
         return value
     return dumps(value)
+
+
+@contextmanager
+def progress_bar(console: Console, title: str) -> Iterator[Callable[[int], None]]:
+    """A progress display; the callable sets how many rows are done."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,} rows"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(title, total=None)
+        yield lambda done: progress.update(task, completed=done)
+
+
+def ingest_summary(console: Console, summary: Any) -> None:
+    """Rows read, sent, skipped and rejected, per device, and the first problems."""
+    table = Table(title="ingest summary")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for label, value in (
+        ("rows read", summary.rows_read),
+        ("rows sent", summary.readings_sent),
+        ("values sent", summary.values_sent),
+        ("values missing (skipped)", summary.values_missing),
+        ("rows with no value", summary.empty_rows),
+        ("blank lines", summary.blank_lines),
+        ("rows rejected", summary.rejected),
+        ("devices", len(summary.devices)),
+    ):
+        table.add_row(label, f"{value:,}")
+    console.print(table)
+    console.print(f"took {summary.elapsed:.2f} s")
+    for problem in summary.problems:
+        console.print(f"line {problem.line}: {problem.reason}", style="yellow")
