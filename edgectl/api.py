@@ -392,6 +392,8 @@ def _apply_uplink(
         raise HttpError(409, f"events after seq {base} are missing", {"X-Expected": str(base)})
     result, run = service.receiver.apply(events, key, edge.name)
     service.writer.notify(run.changes)
+    service.metrics.add("readings_stored", run.changes.reading_count)
+    service.metrics.add("events_queued", len(run.changes.events))
     return result
 
 

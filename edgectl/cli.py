@@ -90,7 +90,7 @@ def validate(
     else:
         for problem in problems:
             style = "red" if problem.is_error else "yellow"
-            out.print(f"[{style}]{problem.render()}[/{style}]", markup=True)
+            out.print(problem.render(), style=style, markup=False)
     failed = any(p.is_error or strict for p in problems)
     if not as_json and not failed:
         out.print(f"{len(files)} file(s) valid", style="green")
@@ -444,6 +444,83 @@ def replay_purge(
     answer = _replay("purge", db, url, selection, dry_run)
     verb = "would purge" if dry_run else "purged"
     out.print(f"{verb} {answer['count']} event(s)")
+
+
+@app.command()
+def demo(
+    folder: Annotated[
+        Path | None, typer.Option("--dir", help="Keep the files here (default: a temp folder).")
+    ] = None,
+    seconds: Annotated[float, typer.Option(help="How long devices post.")] = 20.0,
+    devices: Annotated[int, typer.Option(help="Simulated devices.")] = 3,
+    rate: Annotated[float, typer.Option(help="Posts per second, all devices.")] = 20.0,
+    outage: Annotated[float, typer.Option(help="Stop the cloud this long mid-run.")] = 0.0,
+) -> None:
+    """Run a cloud and an edge on loopback with simulated devices, then compare."""
+    import tempfile
+
+    from edgectl.demo import Demo
+    from edgectl.render import demo_summary, live_demo
+
+    target = folder or Path(tempfile.mkdtemp(prefix="edgectl-demo-"))
+    with live_demo(out) as show:
+        comparison = Demo(
+            target, devices=devices, seconds=seconds, rate=rate, outage=outage, on_tick=show
+        ).run()
+    demo_summary(out, comparison)
+    raise typer.Exit(0 if comparison.matches else EXIT_USER_ERROR)
+
+
+import_app = typer.Typer(help="Import rule chains from other platforms.", no_args_is_help=True)
+export_app = typer.Typer(help="Export rule chains to other platforms.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
+app.add_typer(export_app, name="export")
+
+
+@import_app.command("thingsboard")
+def import_thingsboard(
+    file: Annotated[Path, typer.Argument(help="ThingsBoard rule chain JSON export.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="YAML file to write.")
+    ] = None,
+    allow_unsupported: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unsupported", help="Write placeholders for nodes edgectl cannot run."
+        ),
+    ] = False,
+) -> None:
+    """Turn a ThingsBoard rule chain export into an edgectl YAML chain."""
+    from edgectl.thingsboard import import_file
+
+    result = import_file(file, allow_unsupported=allow_unsupported)
+    for node in result.unsupported:
+        err.print(f"placeholder: {node.describe()}", style="yellow", markup=False)
+    for warning in result.warnings:
+        err.print(f"warning: {warning}", style="yellow", markup=False)
+    if output is None:
+        sys.stdout.write(result.yaml)
+    else:
+        output.write_text(result.yaml, encoding="utf-8")
+        out.print(f"wrote {output} ({len(result.document['nodes'])} nodes)")
+
+
+@export_app.command("thingsboard")
+def export_thingsboard(
+    chain_file: Annotated[Path, typer.Argument(help="edgectl chain YAML file.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="JSON file to write.")
+    ] = None,
+) -> None:
+    """Write a chain as JSON that ThingsBoard's rule chain import accepts."""
+    from edgectl.thingsboard import export_file
+
+    text = export_file(chain_file)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+        out.print(f"wrote {output}")
 
 
 def vars_of(value: Any) -> dict[str, Any]:

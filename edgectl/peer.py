@@ -262,4 +262,6 @@ class Downlink:
     def _apply(self, events: list[Any], key: str) -> ApplyResult:
         result, run = self.receiver.apply(events, key, None)
         self.writer.notify(run.changes)
+        self.metrics.add("readings_stored", run.changes.reading_count)
+        self.metrics.add("events_queued", len(run.changes.events))
         return result

@@ -121,3 +121,54 @@ def ingest_summary(console: Console, summary: Any) -> None:
     console.print(f"took {summary.elapsed:.2f} s")
     for problem in summary.problems:
         console.print(f"line {problem.line}: {problem.reason}", style="yellow")
+
+
+def _demo_table(snapshot: Any) -> Table:
+    title = f"edgectl demo - {snapshot.elapsed:5.1f} s - {snapshot.phase}"
+    table = Table(title=title)
+    table.add_column("")
+    table.add_column("edge", justify="right")
+    table.add_column("cloud", justify="right")
+    edge, cloud = snapshot.edge, snapshot.cloud
+    down = "[red]down[/red]"
+    for label, edge_key, cloud_key in (
+        ("messages accepted", "messages_accepted_total", None),
+        ("readings stored", "readings_stored_total", "readings_stored_total"),
+        ("events queued", "events_queued_total", "events_queued_total"),
+        ("queue depth", "queue_depth", "queue_depth"),
+        ("lag (s)", "queue_lag_seconds", "queue_lag_seconds"),
+        ("delivered", "events_acknowledged_total", "events_acknowledged_total"),
+        ("received from peer", "events_received_total", "events_received_total"),
+        ("dead letters", "dead_letters", "dead_letters"),
+    ):
+        cloud_cell = "-" if cloud_key is None else (
+            f"{cloud.get(cloud_key, 0):,.0f}" if snapshot.cloud_up else down
+        )
+        table.add_row(label, f"{edge.get(edge_key, 0):,.1f}".removesuffix(".0"), cloud_cell)
+    return table
+
+
+@contextmanager
+def live_demo(console: Console) -> Iterator[Callable[[Any], None]]:
+    """A live table of the demo's metrics; the callable takes a Snapshot."""
+    from rich.live import Live
+
+    with Live(console=console, refresh_per_second=4, transient=False) as live:
+        yield lambda snapshot: live.update(_demo_table(snapshot))
+
+
+def demo_summary(console: Console, comparison: Any) -> None:
+    """Edge and cloud side by side, per device, and where the files are."""
+    table = Table(title="edge and cloud, side by side")
+    for column in ("device", "edge readings", "cloud readings", "latest values", "same"):
+        table.add_column(column)
+    for row in comparison.rows:
+        latest = ", ".join(f"{k}={v}" for k, v in sorted(row["latest"].items()))
+        same = "[green]yes[/green]" if row["match"] else "[red]NO[/red]"
+        table.add_row(row["device"], f"{row['edge_rows']:,}", f"{row['cloud_rows']:,}", latest, same)
+    console.print(table)
+    verdict = "the same rows" if comparison.matches else "DIFFERENT rows"
+    console.print(f"edge and cloud hold {verdict}.")
+    console.print("Look inside:")
+    console.print(f"  edgectl inspect tables --db {comparison.edge_file}", markup=False)
+    console.print(f"  edgectl inspect tables --db {comparison.cloud_file}", markup=False)
