@@ -142,15 +142,17 @@ class Engine:
 
         self.chain = chain
         self.execution_limit = execution_limit
-        context = context or BuildContext(stack=_stack_of(chain))
+        context = context or BuildContext(_load_chain_file, _stack_of(chain))
         self.nodes: dict[str, Node] = {
             spec.id: build_node(spec, chain, context) for spec in chain.nodes
         }
-        self._targets = {
-            (spec.id, label.lower()): targets
-            for spec in chain.nodes
-            for label, targets in spec.next.items()
-        }
+        # Labels that differ only in case are one relation label, so their
+        # targets are merged rather than the later one replacing the earlier.
+        self._targets: dict[tuple[str, str], tuple[str, ...]] = {}
+        for spec in chain.nodes:
+            for label, targets in spec.next.items():
+                key = (spec.id, label.lower())
+                self._targets[key] = self._targets.get(key, ()) + targets
         self._order = _visit_order(chain)
 
     def run(self, messages: Iterable[Message], run: Run) -> Result:
@@ -161,7 +163,10 @@ class Engine:
         """
         result = Result()
         batch = list(messages)
-        for message in batch:
+        for order, message in enumerate(batch):
+            # Events are numbered by this position when the batch commits, so
+            # they keep arrival order whatever path each message takes.
+            message.order = order
             if message.budget is None:
                 message.budget = Budget(self.execution_limit)
         while batch:
@@ -193,10 +198,12 @@ class Engine:
         result: Result,
     ) -> None:
         for message, labels in outcomes:
+            # A relation matches once however often a node names its label.
+            matched = dict.fromkeys(label.lower() for label in labels)
             targets = [
                 target
-                for label in labels
-                for target in self._targets.get((node_id, label.lower()), ())
+                for label in matched
+                for target in self._targets.get((node_id, label), ())
             ]
             if not targets:
                 if any(label.lower() == "failure" for label in labels):
@@ -259,6 +266,12 @@ def log_failures(failures: list[NodeFailure]) -> None:
         logger.error(
             "chain %r node %r dropped %d message(s): %s", chain, node, count, error
         )
+
+
+def _load_chain_file(path: Path) -> Chain:
+    from edgectl.checks import load_chain
+
+    return load_chain(path)
 
 
 def _stack_of(chain: Chain) -> tuple[Path, ...]:
