@@ -1,0 +1,121 @@
+"""Sync bench: drain a backlog of queued events from an edge to a cloud on loopback.
+
+Builds an edge file holding N queued telemetry events (one reading each) while
+no cloud exists, then starts a real cloud and a real edge (``edgectl run``
+subprocesses) and times the drain, printing the rate at each 10% of the
+backlog so a falling rate shows. Usage: ``python bench/sync.py [--events N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from edgectl.checks import load_chain
+from edgectl.devices import register_device, register_edge
+from edgectl.engine import Engine, Run
+from edgectl.message import POST_TELEMETRY_REQUEST, EntityRef, Message
+from edgectl.roles import example_chain
+from edgectl.storage import Store
+
+
+def build_backlog(path: Path, events: int, devices: int = 10) -> None:
+    store = Store(path)
+    engine = Engine(load_chain(example_chain("edge")))
+    refs = [register_device(store, f"bench-{n}", token=f"t{n}")[0].ref for n in range(devices)]
+    start = 1_700_000_000_000
+    for first in range(0, events, 10_000):
+        run = Run(store=store)
+        batch = [
+            Message(
+                POST_TELEMETRY_REQUEST,
+                refs[i % devices],
+                {"value": i, "temperature": 20.0 + i % 7},
+                {"ts": str(start + i)},
+                order=i - first,
+            )
+            for i in range(first, min(events, first + 10_000))
+        ]
+        engine.run(batch, run)
+        store.apply(run.changes)
+    store.close()
+
+
+def metric(url: str, name: str) -> float:
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return -1
+    for line in text.splitlines():
+        if line.startswith(f"edgectl_{name}"):
+            return float(line.rsplit(" ", 1)[1])
+    return -1
+
+
+def start(role: str, folder: Path, *args: str, env: dict[str, str] | None = None):
+    port_file = folder / f"{role}.port"
+    log = (folder / f"{role}.log").open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgectl", "run", "--role", role, "--db", str(folder / f"{role}.duckdb"),
+         "--listen", "127.0.0.1:0", "--port-file", str(port_file), *args],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+    )
+    while not (port_file.exists() and port_file.read_text()):
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port_file.read_text()}"
+    while metric(url, "queue_depth") < 0:
+        time.sleep(0.05)
+    return process, url
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=100_000)
+    options = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="edgectl-bench-sync-"))
+    print(f"cores: {os.cpu_count()}  backlog: {options.events:,} events  folder: {folder}")
+
+    began = time.perf_counter()
+    build_backlog(folder / "edge.duckdb", options.events)
+    print(f"backlog built in {time.perf_counter() - began:.1f} s")
+    cloud_store = Store(folder / "cloud.duckdb")
+    register_edge(cloud_store, "bench", key="bench", secret="bench")
+    cloud_store.close()
+
+    cloud, cloud_url = start("cloud", folder)
+    total = options.events + 10
+    began = time.perf_counter()
+    edge, edge_url = start(
+        "edge", folder, "--cloud", cloud_url, "--edge-key", "bench",
+        env={"EDGECTL_EDGE_SECRET": "bench"},
+    )
+    marks, last = iter(range(10, 101, 10)), (0.0, 0.0)
+    mark = next(marks)
+    print(" done   elapsed   events/s in this step")
+    while True:
+        received = metric(cloud_url, "events_received_total")
+        elapsed = time.perf_counter() - began
+        while received >= total * mark / 100:
+            rate = (received - last[1]) / max(elapsed - last[0], 1e-9)
+            print(f" {mark:3d}%  {elapsed:7.2f} s  {rate:12,.0f}")
+            last = (elapsed, received)
+            mark = next(marks, 1000)
+        if mark == 1000 or elapsed > 600:
+            break
+        time.sleep(0.05)
+    print(f"drained {total:,} events in {elapsed:.2f} s: {total / elapsed:,.0f} events/s overall")
+    for process in (edge, cloud):
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+
+
+if __name__ == "__main__":
+    main()
