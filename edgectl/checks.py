@@ -230,7 +230,7 @@ class _Checker:
     def placeholders(self) -> Iterator[Problem]:
         for i, node in enumerate(self.nodes):
             if node["type"] == "unsupported":
-                kind = (node.get("config") or {}).get("thingsboard_type", "a node")
+                kind = _config(node).get("thingsboard_type", "a node")
                 yield self.problem(
                     ["nodes", i, "type"],
                     f"placeholder for {kind}, which edgectl cannot run",
@@ -261,7 +261,7 @@ class _Checker:
         for i, node in enumerate(self.nodes):
             if node["type"] != "rule_chain":
                 continue
-            called = (node.get("config") or {}).get("chain")
+            called = _config(node).get("chain")
             if not isinstance(called, str):
                 continue
             target = self.folder / called
@@ -286,7 +286,7 @@ class _Checker:
         from edgectl.scripting import ScriptFunction
 
         for i, node in enumerate(self.nodes):
-            script = (node.get("config") or {}).get("script")
+            script = _config(node).get("script")
             if node["type"] not in SCRIPT_TYPES or not script:
                 continue
             try:
@@ -299,9 +299,14 @@ def build_chain_node(node: dict[str, Any], index: int) -> Any:
     """A NodeSpec for one plain node, for asking its type about relations."""
     from edgectl.chain import NodeSpec
 
-    return NodeSpec(
-        node["id"], node["type"], dict(node.get("config") or {}), index=index
-    )
+    return NodeSpec(node["id"], node["type"], _config(node), index=index)
+
+
+def _config(node: dict[str, Any]) -> dict[str, Any]:
+    """A node's config, or an empty one when the schema check already rejected
+    it for not being a mapping (the semantic checks still run then)."""
+    config = node.get("config")
+    return dict(config) if isinstance(config, dict) else {}
 
 
 def _closest(word: str, options: list[str]) -> str | None:

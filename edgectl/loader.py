@@ -82,7 +82,7 @@ class Document:
             if found is None:
                 break
             line, column = found
-            node = node[item]
+            node = node[_yaml_key(node, item)]
         return line + 1, column + 1
 
     def key_position(self, path: list[PathItem]) -> tuple[int, int]:
@@ -92,17 +92,30 @@ class Document:
         parent = self.tree
         for item in path[:-1]:
             try:
-                parent = parent[item]
+                parent = parent[_yaml_key(parent, item)]
             except (KeyError, IndexError, TypeError):
                 return self.position(path[:-1])
-        if isinstance(parent, CommentedMap) and path[-1] in parent:
-            line, column = parent.lc.key(path[-1])
+        key = _yaml_key(parent, path[-1])
+        if isinstance(parent, CommentedMap) and key in parent:
+            line, column = parent.lc.key(key)
             return line + 1, column + 1
         return self.position(path)
 
 
+def _yaml_key(node: Any, item: PathItem) -> Any:
+    """The key of ``node`` that ``item`` names in the plain document.
+
+    Plain documents have string keys, but YAML reads ``True:`` and ``1:`` as a
+    boolean and a number; filter relations are written ``True:`` and ``False:``.
+    """
+    if not isinstance(node, CommentedMap) or item in node:
+        return item
+    return next((key for key in node if str(key) == item), item)
+
+
 def _child_position(node: Any, item: PathItem) -> tuple[int, int] | None:
     try:
+        item = _yaml_key(node, item)
         if isinstance(node, CommentedMap) and item in node:
             position: tuple[int, int] = node.lc.value(item)
             return position
@@ -178,6 +191,12 @@ def read_yaml(path: Path) -> Document | Problem:
 
 def dump_yaml(tree: Any) -> str:
     """Serialise a round-trip tree, keeping its comments and key order."""
+    yaml = _yaml()
+    # Keep the layout people write by hand (lists indented under their key, as
+    # in the example chains) and never re-wrap long lines, so that a rewrite
+    # changes only what it means to change.
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.width = 4096
     stream = io.StringIO()
-    _yaml().dump(tree, stream)
+    yaml.dump(tree, stream)
     return stream.getvalue()
