@@ -42,13 +42,26 @@ def _reject_constant(name: str) -> Any:
     raise JsonSyntaxError(f"{name} is not valid JSON; send a number or a string")
 
 
+def _finite_float(text: str) -> float:
+    # The standard parser reads 1e400 as infinity; orjson refuses it, and both
+    # paths must agree on what is JSON.
+    number = float(text)
+    if not math.isfinite(number):
+        raise JsonSyntaxError(f"number {text} is too large for a double")
+    return number
+
+
 def parse_json(raw: bytes | str) -> Any:
     """Parse JSON text, keeping integers of any size exact.
 
     Raises JsonSyntaxError for anything that is not strict JSON (NaN and
-    Infinity included).
+    Infinity included), for a number too large for a double, for an integer of
+    more than 4300 digits and for a string holding a lone UTF-16 surrogate
+    (such as ``"\\ud800"``), which is no Unicode character and cannot be stored.
     """
-    data = raw.encode() if isinstance(raw, str) else raw
+    # surrogatepass: a str may hold lone surrogates (from a command line with
+    # bytes that are not UTF-8); the parser then refuses them as bad UTF-8.
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     # orjson turns integers beyond 64 bits into doubles and loses digits; a run of
     # 19 or more digits is the only way to spell one, so such text takes the
     # slower standard parser, which keeps them exact.
@@ -56,11 +69,60 @@ def parse_json(raw: bytes | str) -> Any:
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError as error:
-            raise JsonSyntaxError(str(error)) from None
+            raise _syntax_error(data, error) from None
+    return _parse_exact(data)
+
+
+def _parse_exact(data: bytes) -> Any:
     try:
-        return json.loads(data, parse_constant=_reject_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        value = json.loads(
+            data, parse_constant=_reject_constant, parse_float=_finite_float
+        )
+    except JsonSyntaxError:
+        raise
+    except ValueError as error:
+        # Python refuses to convert integers of more than 4300 digits (a guard
+        # against quadratic time); its message would tell a user to call
+        # sys.set_int_max_str_digits, so say it plainly instead.
+        if "integer string conversion" in str(error):
+            raise JsonSyntaxError(
+                "an integer has more than 4300 digits; send it as a string"
+            ) from None
         raise JsonSyntaxError(str(error)) from None
+    # The standard parser accepts lone surrogate escapes that orjson refuses;
+    # such a string cannot be encoded as UTF-8, so storing it would fail later.
+    _check_encodable(value)
+    return value
+
+
+def _check_encodable(value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise JsonSyntaxError(
+                f"string {value!r} holds a lone UTF-16 surrogate, which is not "
+                "a Unicode character"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_encodable(key)
+            _check_encodable(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_encodable(item)
+
+
+def _syntax_error(data: bytes, error: orjson.JSONDecodeError) -> JsonSyntaxError:
+    # orjson's message for NaN or Infinity ("unexpected character") does not
+    # name them; the standard parser does, so ask it (this is the error path).
+    try:
+        json.loads(data, parse_constant=_reject_constant)
+    except JsonSyntaxError as named:
+        return named
+    except ValueError:
+        pass
+    return JsonSyntaxError(str(error))
 
 
 def dumps(value: Any) -> str:
