@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import duckdb
-import pyarrow as pa
+import pyarrow as pa  # type: ignore[import-untyped]  # ships no type hints
 
 from edgectl.changes import DELETED, AttributeValue, ChangeSet, TimeseriesDelete
 from edgectl.errors import SchemaVersionError, StorageError
@@ -58,7 +58,9 @@ _TABLES = {
         "token VARCHAR, edge VARCHAR, created_ts BIGINT"
     ),
     "edge": "name VARCHAR, routing_key VARCHAR, secret VARCHAR, created_ts BIGINT",
-    "ts_kv": f"entity_id INTEGER, key INTEGER, ts BIGINT, {_VALUE_COLUMNS}, expires BIGINT",
+    "ts_kv": (
+        f"entity_id INTEGER, key INTEGER, ts BIGINT, {_VALUE_COLUMNS}, expires BIGINT"
+    ),
     "ts_kv_latest": f"entity_id INTEGER, key INTEGER, ts BIGINT, {_VALUE_COLUMNS}",
     "attribute_kv": (
         f"entity_id INTEGER, scope VARCHAR, key INTEGER, {_VALUE_COLUMNS}, "
@@ -127,10 +129,17 @@ class Store:
         self.path = path
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
-        with storage_errors("opening", path):
+        try:
             self.connection = duckdb.connect(
                 str(path), config={"memory_limit": memory_limit}
             )
+        except duckdb.Error as error:
+            # A file that will not open is evidence: never delete or replace it.
+            raise StorageError(
+                f"opening {path} failed: {error}. The file was left as it is; "
+                "if another edgectl uses it, stop that one first, else move the "
+                "file aside (or restore a backup) to start with a new one."
+            ) from error
         try:
             self._prepare()
         except BaseException:
@@ -141,18 +150,39 @@ class Store:
     def _prepare(self) -> None:
         with storage_errors("preparing", self.path):
             version = self._schema_version()
+        self._check_version(version)
+        with storage_errors("preparing", self.path), self.transaction() as con:
+            # Migrations run before any table is created, so each one sees the
+            # layout of the version it upgrades from (and may create a table the
+            # new layout adds); whatever is still missing is created after.
+            if version:
+                self._migrate(con, version)
+            for name, columns in _TABLES.items():
+                con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
+            if not version:
+                con.execute(
+                    "INSERT INTO meta VALUES ('schema_version', ?), ('instance', ?)",
+                    [str(SCHEMA_VERSION), uuid.uuid4().hex[:16]],
+                )
+        with storage_errors("checkpointing", self.path):
+            self.connection.execute("CHECKPOINT")
+
+    def _check_version(self, version: int) -> None:
         if version > SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"{self.path} was written by a newer edgectl (schema version "
                 f"{version}); this edgectl reads up to version {SCHEMA_VERSION}. "
                 "Upgrade edgectl to open it."
             )
-        with storage_errors("preparing", self.path), self.transaction() as con:
-            for name, columns in _TABLES.items():
-                con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
-            self._migrate(con, version)
-        with storage_errors("checkpointing", self.path):
-            self.connection.execute("CHECKPOINT")
+        missing = [
+            step for step in range(version, SCHEMA_VERSION) if step not in MIGRATIONS
+        ]
+        if version and missing:
+            raise SchemaVersionError(
+                f"{self.path} has schema version {version}, and this edgectl "
+                f"(schema version {SCHEMA_VERSION}) has no migration from version "
+                f"{missing[0]}. The file was not changed; please report this."
+            )
 
     def _schema_version(self) -> int:
         exists = self.connection.execute(
@@ -166,12 +196,6 @@ class Store:
         return int(row[0]) if row else 0
 
     def _migrate(self, con: duckdb.DuckDBPyConnection, version: int) -> None:
-        if version == 0:
-            con.execute(
-                "INSERT INTO meta VALUES ('schema_version', ?), ('instance', ?)",
-                [str(SCHEMA_VERSION), uuid.uuid4().hex[:16]],
-            )
-            return
         for step in range(version, SCHEMA_VERSION):
             logger.info("migrating %s from schema %d to %d", self.path, step, step + 1)
             MIGRATIONS[step](con)
@@ -600,8 +624,9 @@ class _BatchWriter:
                 "AND attribute_kv.scope = b.scope AND attribute_kv.key = b.key"
             )
             con.execute(
-                "INSERT INTO attribute_kv SELECT entity_id, scope, key, bool_v, long_v, "
-                "dbl_v, str_v, json_v, last_update_ts FROM attribute_batch WHERE NOT deleted"
+                "INSERT INTO attribute_kv SELECT entity_id, scope, key, bool_v, "
+                "long_v, dbl_v, str_v, json_v, last_update_ts FROM attribute_batch "
+                "WHERE NOT deleted"
             )
         finally:
             con.unregister("attribute_batch")
@@ -622,11 +647,11 @@ class _BatchWriter:
         con.execute(f"DELETE FROM ts_kv_latest WHERE {where}", params)
         # The latest value falls back to the newest reading that remains.
         con.execute(
-            "INSERT INTO ts_kv_latest SELECT entity_id, key, ts, bool_v, long_v, dbl_v, "
-            f"str_v, json_v FROM ts_kv WHERE entity_id = ? AND key IN ({marks}) "
+            "INSERT INTO ts_kv_latest SELECT entity_id, key, ts, bool_v, long_v, "
+            f"dbl_v, str_v, json_v FROM ts_kv WHERE entity_id = ? AND key IN ({marks}) "
             "AND NOT EXISTS (SELECT 1 FROM ts_kv_latest l WHERE l.entity_id = "
-            "ts_kv.entity_id AND l.key = ts_kv.key) "
-            "QUALIFY row_number() OVER (PARTITION BY entity_id, key ORDER BY ts DESC) = 1",
+            "ts_kv.entity_id AND l.key = ts_kv.key) QUALIFY row_number() OVER "
+            "(PARTITION BY entity_id, key ORDER BY ts DESC) = 1",
             [entity.id, *key_ids],
         )
 
@@ -641,8 +666,8 @@ def _upsert_readings(con: duckdb.DuckDBPyConnection, low: int, high: int) -> Non
     )
     con.execute(
         "INSERT INTO ts_kv SELECT entity_id, key, ts, bool_v, long_v, dbl_v, str_v, "
-        "json_v, expires FROM reading_batch "
-        "QUALIFY row_number() OVER (PARTITION BY entity_id, key, ts ORDER BY ord DESC) = 1"
+        "json_v, expires FROM reading_batch QUALIFY row_number() OVER "
+        "(PARTITION BY entity_id, key, ts ORDER BY ord DESC) = 1"
     )
 
 
