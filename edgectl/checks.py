@@ -290,7 +290,8 @@ class _Checker:
             if node["type"] not in SCRIPT_TYPES or not script:
                 continue
             try:
-                ScriptFunction(script, name=node["id"]).close()
+                language = str(node["config"].get("language", "javascript"))
+                ScriptFunction(script, name=node["id"], language=language).close()
             except ScriptError as error:
                 yield self.problem(["nodes", i, "config", "script"], str(error))
 

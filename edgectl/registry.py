@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from edgectl.chain import Chain, NodeSpec
 from edgectl.nodes.base import BaseNode
+from edgectl.nodes.check_message import CheckMessage
 from edgectl.nodes.delete_attributes import DeleteAttributes
 from edgectl.nodes.delete_timeseries import DeleteTimeseries
 from edgectl.nodes.message_type_switch import MessageTypeSwitch
@@ -29,6 +30,7 @@ NODE_TYPES: dict[str, type[BaseNode]] = {
     node.TYPE: node
     for node in (
         MessageTypeSwitch,
+        CheckMessage,
         SaveTimeseries,
         SaveAttributes,
         DeleteAttributes,

@@ -123,6 +123,34 @@ _HEADER_LINES: Final = 2
 _OPEN_FUNCTIONS: weakref.WeakSet[ScriptFunction] = weakref.WeakSet()
 
 
+# TBEL runs on the JVM, so TBEL scripts call Java methods on strings, lists and
+# maps. Those that have a plain JavaScript meaning are added, non-enumerable,
+# for scripts marked ``language: tbel``; nothing is added for JavaScript.
+_TBEL_PRELUDE: Final = r"""
+(function () {
+  function add(proto, name, fn) {
+    if (!Object.prototype.hasOwnProperty.call(proto, name)) {
+      Object.defineProperty(proto, name, {value: fn, writable: true, configurable: true});
+    }
+  }
+  add(String.prototype, "equals", function (o) { return o != null && String(this) === String(o); });
+  add(String.prototype, "equalsIgnoreCase", function (o) {
+    return o != null && String(this).toLowerCase() === String(o).toLowerCase();
+  });
+  add(String.prototype, "isEmpty", function () { return this.length === 0; });
+  add(String.prototype, "contains", function (o) { return String(this).includes(String(o)); });
+  add(Array.prototype, "isEmpty", function () { return this.length === 0; });
+  add(Array.prototype, "size", function () { return this.length; });
+  add(Array.prototype, "get", function (i) { return this[i]; });
+  add(Array.prototype, "add", function (x) { this.push(x); return true; });
+  add(Array.prototype, "contains", function (x) { return this.includes(x); });
+  add(Object.prototype, "containsKey", function (k) {
+    return Object.prototype.hasOwnProperty.call(this, k);
+  });
+})();
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class ScriptOutcome:
     """What one call of a script gave: a value, or the error that stopped it.
@@ -151,10 +179,13 @@ class ScriptFunction:
         name: str = "script",
         timeout_ms: int = DEFAULT_TIMEOUT_MS,
         max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+        language: str = "javascript",
     ) -> None:
         """Compile ``function(msg, metadata, msgType) { body }`` in a new isolate.
 
-        Raises ScriptError if the body does not compile, naming the line of the
+        ``language="tbel"`` adds the Java string, list and map methods TBEL
+        scripts commonly call (``equals``, ``isEmpty``, ``size``...). Raises
+        ScriptError if the body does not compile, naming the line of the
         body and the JavaScript error, or if a limit is not a positive number.
         """
         if timeout_ms <= 0 or max_memory_bytes <= 0:
@@ -167,6 +198,7 @@ class ScriptFunction:
         self.name = name
         self.timeout_ms = timeout_ms
         self.max_memory_bytes = max_memory_bytes
+        self.language = language
         self._body = body
         self._lock = threading.RLock()
         self._is_running = False
@@ -241,6 +273,8 @@ class ScriptFunction:
         # of several seconds V8 runs out of heap and aborts the whole process.
         racer.set_hard_memory_limit(self.max_memory_bytes)
         racer.eval(_HARNESS)
+        if self.language == "tbel":
+            racer.eval(_TBEL_PRELUDE)
         try:
             racer.eval(
                 f"__edgectl.define({_js_string(self._body)})",

@@ -49,6 +49,7 @@ TRANSFORM_CLASS = f"{_ENGINE}.transform.TbTransformMsgNode"
 LOG_CLASS = f"{_ENGINE}.action.TbLogNode"
 RULE_CHAIN_INPUT_CLASS = f"{_ENGINE}.flow.TbRuleChainInputNode"
 RULE_CHAIN_OUTPUT_CLASS = f"{_ENGINE}.flow.TbRuleChainOutputNode"
+CHECK_MESSAGE_CLASS = f"{_ENGINE}.filter.TbCheckMessageNode"
 
 # The script a new ThingsBoard log node gets, in both languages. A log node with
 # it logs data and metadata without running a script, as edgectl's log does.
@@ -77,14 +78,12 @@ _UNSUPPORTED_REASONS = {
     f"{_ENGINE}.transform.TbChangeOriginatorNode": (
         "edgectl cannot change a message's originator"
     ),
-    f"{_ENGINE}.filter.TbCheckMessageNode": (
-        "edgectl has no node that checks for keys; a filter script can do the same"
-    ),
 }
-# Calls that TBEL (MVEL, on Java objects) allows and JavaScript values lack: a
-# TBEL script using them compiles as JavaScript and then throws at run time.
+# Calls that TBEL (MVEL, on Java objects) allows and JavaScript values lack even
+# with the TBEL prelude of edgectl.scripting: a TBEL script using them compiles
+# as JavaScript and then throws at run time.
 _JAVA_METHODS = re.compile(
-    r"\.(equals|equalsIgnoreCase|isEmpty|containsKey|length|size)\s*\("
+    r"\.(length|keySet|put|getOrDefault)\s*\("
 )
 
 
@@ -318,6 +317,8 @@ def _convert(
             "reason": problem.reason,
             "original": original if isinstance(original, dict) else {},
         }
+        if node.version:
+            config["configuration_version"] = node.version
     description = _description(raw)
     if description:
         item["description"] = description
@@ -533,7 +534,7 @@ def _check_tbel(node: _Node, script: str) -> None:
     from edgectl.scripting import ScriptFunction
 
     try:
-        ScriptFunction(script, name=node.name).close()
+        ScriptFunction(script, name=node.name, language="tbel").close()
     except ScriptError as error:
         raise _NotSupported(
             f"its TBEL script is not valid JavaScript: {_compile_error(error)}"
@@ -572,6 +573,15 @@ def _rule_chain_output(node: _Node) -> tuple[str, dict[str, Any]]:
     return "output", {"relation": node.name}
 
 
+def _check_message(node: _Node) -> tuple[str, dict[str, Any]]:
+    config: dict[str, Any] = {
+        "data_keys": [str(k) for k in node.config.get("messageNames") or []],
+        "metadata_keys": [str(k) for k in node.config.get("metadataNames") or []],
+        "all": bool(node.config.get("checkAllKeys", False)),
+    }
+    return "check_message", config
+
+
 _CONVERTERS: dict[str, Callable[[_Node], tuple[str, dict[str, Any]]]] = {
     MESSAGE_TYPE_SWITCH_CLASS: _message_type_switch,
     SAVE_TIMESERIES_CLASS: _save_timeseries,
@@ -585,6 +595,7 @@ _CONVERTERS: dict[str, Callable[[_Node], tuple[str, dict[str, Any]]]] = {
     LOG_CLASS: _script,
     RULE_CHAIN_INPUT_CLASS: _rule_chain_input,
     RULE_CHAIN_OUTPUT_CLASS: _rule_chain_output,
+    CHECK_MESSAGE_CLASS: _check_message,
 }
 
 
@@ -780,6 +791,7 @@ _EXPORT_CLASSES = {
     "transform": TRANSFORM_CLASS,
     "log": LOG_CLASS,
     "output": RULE_CHAIN_OUTPUT_CLASS,
+    "check_message": CHECK_MESSAGE_CLASS,
 }
 _NO_EQUIVALENT = {
     "delete_timeseries": "ThingsBoard applies timeseries deletes from its peer "
@@ -883,10 +895,8 @@ def _layout(chain: Chain) -> dict[str, tuple[int, int]]:
 
 def _export_node(node: NodeSpec, position: tuple[int, int]) -> dict[str, Any]:
     if node.type == "unsupported":
-        # TODO: placeholders do not keep ThingsBoard's configurationVersion, so
-        # ThingsBoard re-runs its configuration upgrades on an exported
-        # placeholder whose class has a version above 0.
-        kind, version = str(node.config["thingsboard_type"]), 0
+        kind = str(node.config["thingsboard_type"])
+        version = int(node.config.get("configuration_version", 0))
         configuration = dict(node.config.get("original") or {})
     else:
         kind = _EXPORT_CLASSES[node.type]
@@ -1000,6 +1010,15 @@ def _export_script(node: NodeSpec) -> tuple[dict[str, Any], int]:
     return configuration, 0
 
 
+def _export_check_message(node: NodeSpec) -> tuple[dict[str, Any], int]:
+    configuration = {
+        "messageNames": list(node.config.get("data_keys", [])),
+        "metadataNames": list(node.config.get("metadata_keys", [])),
+        "checkAllKeys": bool(node.config.get("all", False)),
+    }
+    return configuration, 0
+
+
 _EXPORTERS: dict[str, Callable[[NodeSpec], tuple[dict[str, Any], int]]] = {
     "message_type_switch": _export_version_only,
     "save_timeseries": _export_save_timeseries,
@@ -1012,4 +1031,5 @@ _EXPORTERS: dict[str, Callable[[NodeSpec], tuple[dict[str, Any], int]]] = {
     "transform": _export_script,
     "log": _export_script,
     "output": _export_version_only,
+    "check_message": _export_check_message,
 }

@@ -57,7 +57,6 @@ PLACEHOLDERS = {
         ("RPC Call Request", 5, RPC_REQUEST),
         ("Device Profile Node", 6, DEVICE_PROFILE),
         ("To latencies asset", 11, CHANGE_ORIGINATOR),
-        ("Has testData", 13, CHECK_MESSAGE),
     ],
     "RpcResponseRuleChainMetadata.json": [("rpcReply", 2, RPC_REPLY)],
 }
@@ -377,24 +376,20 @@ def test_monitoring_js_filter_is_true_and_hands_over_to_the_tbel_filter():
     assert outcome.value is True
 
     # The device profile node passes every message on by Success when the
-    # profile has no alarm rules; carry on from the node after it.
+    # profile has no alarm rules; carry on from the node after it. The TBEL
+    # filter `a.equals("a") && b.equals("b")` is true too, so the message
+    # reaches the switch, then "Has testData", then the TTL save and the
+    # latency transform, and stops at the change-originator placeholder.
     result = run_chain(monitoring_chain("test-js-script"), message)
 
     [failure] = result.failures
-    assert failure.node == "test-tbel-script"
-    assert (
-        failure.error == "TypeError: a.equals is not a function (line 3 of the script)"
-    )
+    assert failure.node == "to-latencies-asset"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="edgectl runs TBEL as JavaScript, where strings have no equals(); "
-    'ThingsBoard\'s TBEL filter `a.equals("a") && b.equals("b")` is true',
-)
 def test_monitoring_tbel_filter_is_true_as_in_thingsboard():
-    script = monitoring_chain().node("test-tbel-script").config["script"]
-    with ScriptFunction(script) as function:
+    node = monitoring_chain().node("test-tbel-script")
+    assert node.config["language"] == "tbel"
+    with ScriptFunction(node.config["script"], language="tbel") as function:
         outcome = function.call({"testData": 7}, {}, "POST_TELEMETRY_REQUEST")
     assert outcome.value is True
 
@@ -420,12 +415,15 @@ def test_monitoring_switch_saves_client_attributes_even_when_unchanged(tmp_path)
     assert rows["ts_kv"] == []
 
 
-def test_monitoring_switch_sends_telemetry_to_the_check_message_placeholder():
+def test_monitoring_check_message_routes_by_the_presence_of_test_data(tmp_path):
+    # "Has testData" (messageNames testData, testDataCf; checkAllKeys false):
+    # a message with either key goes by True to the TTL save, others by False.
     chain = monitoring_chain("message-type-switch")
+    with_key = run_chain(chain, telemetry({"testDataCf": 1}, ts=1_700_000_000_000))
+    without = run_chain(chain, telemetry({"cpu": 0.5}, ts=1_700_000_000_000))
 
-    result = run_chain(chain, telemetry({"testData": 7}, ts=1_700_000_000_000))
-
-    assert [f.node for f in result.failures] == ["has-testdata"]
+    assert [f.node for f in with_key.failures] == ["to-latencies-asset"]
+    assert without.failures == []
 
 
 def test_monitoring_test_data_is_kept_60_s_and_latencies_are_computed(tmp_path):
@@ -484,15 +482,13 @@ def test_unsupported_nodes_fail_the_import_listing_name_index_and_type():
         import_file(path, allow_unsupported=False)
 
     assert str(caught.value) == (
-        f"{path}: 4 node(s) cannot run in edgectl:\n"
+        f"{path}: 3 node(s) cannot run in edgectl:\n"
         f"  - node 5 'RPC Call Request' ({RPC_REQUEST}): "
         "edgectl does not send RPC requests to devices\n"
         f"  - node 6 'Device Profile Node' ({DEVICE_PROFILE}): "
         "edgectl does not evaluate device profile alarm rules\n"
         f"  - node 11 'To latencies asset' ({CHANGE_ORIGINATOR}): "
         "edgectl cannot change a message's originator\n"
-        f"  - node 13 'Has testData' ({CHECK_MESSAGE}): "
-        "edgectl has no node that checks for keys; a filter script can do the same\n"
         "Import with --allow-unsupported to write placeholder nodes that send "
         "every message to Failure, so the rest of the chain runs; or replace "
         "these nodes in ThingsBoard and export again."
@@ -503,18 +499,15 @@ def test_placeholder_keeps_class_configuration_and_connections():
     document = imported("rule_chain.json")
     nodes = {node["id"]: node for node in document["nodes"]}
 
+    assert nodes["to-latencies-asset"]["type"] == "unsupported"
+    assert nodes["device-profile-node"]["config"]["configuration_version"] == 1
     assert nodes["has-testdata"] == {
         "id": "has-testdata",
-        "type": "unsupported",
+        "type": "check_message",
         "config": {
-            "thingsboard_type": CHECK_MESSAGE,
-            "reason": "edgectl has no node that checks for keys; "
-            "a filter script can do the same",
-            "original": {
-                "messageNames": ["testData", "testDataCf"],
-                "metadataNames": [],
-                "checkAllKeys": False,
-            },
+            "data_keys": ["testData", "testDataCf"],
+            "metadata_keys": [],
+            "all": False,
         },
         "next": {"False": "save-timeseries", "True": "save-timeseries-with-ttl"},
     }
@@ -617,11 +610,7 @@ def test_tbel_script_valid_as_javascript_runs_and_java_calls_are_warned():
         "return {msg: msg, metadata: metadata, msgType: msgType};",
         "language": "tbel",
     }
-    assert result.warnings == (
-        "node 8 'Test TBEL script': the TBEL script calls .equals(), a Java method "
-        "that JavaScript values lack, so it fails at run time; rewrite that call in "
-        "JavaScript (for example a === b for a.equals(b))",
-    )
+    assert result.warnings == ()
 
 
 def test_default_log_script_is_dropped_and_custom_log_script_kept():

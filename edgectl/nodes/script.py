@@ -33,6 +33,7 @@ class _ScriptNode(BaseNode):
             spec.config["script"],
             name=f"{self.chain.name}/{spec.id}",
             timeout_ms=int(spec.config.get("timeout_ms", 200)),
+            language=str(spec.config.get("language", "javascript")),
         )
 
     def _call(self, batch: list[Message]) -> list[ScriptOutcome]:
