@@ -335,6 +335,49 @@ def test_transform_that_doubles_messages_in_a_loop_is_stopped(run_chain):
     ]
 
 
+@pytest.mark.timeout(20)
+def test_notifications_that_feed_themselves_are_stopped_by_the_execution_limit(
+    run_chain,
+):
+    # Every save notifies the root chain, which turns the notification back
+    # into a post that is saved again: each round is a new root pass, and no
+    # relation closes a cycle, so validation cannot see it.
+    chain = """
+        name: Echo
+        entry: route
+        nodes:
+          - id: route
+            type: message_type_switch
+            next:
+              Post attributes: save
+              Attributes Updated: repost
+          - id: save
+            type: save_attributes
+            config:
+              scope: shared
+              update_only_on_change: false
+              notify_attributes_updated: true
+          - id: repost
+            type: transform
+            config:
+              script: |
+                return {msg: msg, metadata: {ts: metadata.ts},
+                        msgType: "POST_ATTRIBUTES_REQUEST"};
+            next:
+              Success: save
+    """
+
+    outcome = run_chain(chain, [attributes({"a": 1})], execution_limit=30)
+
+    assert outcome.failures == [
+        (
+            "repost",
+            "stopped after 30 node executions for one incoming message "
+            f"(at node 'repost'); {RUNAWAY}",
+        )
+    ]
+
+
 # -- arrival order -----------------------------------------------------------
 
 

@@ -40,6 +40,8 @@ _ACTIONS = {
     TIMESERIES_DELETED: TIMESERIES_DELETED,
 }
 
+_SCOPED_ACTIONS = frozenset({ATTRIBUTES_UPDATED, POST_ATTRIBUTES, ATTRIBUTES_DELETED})
+
 
 def event_body(action: str, message: Message, scope: str) -> Any:
     """The event body for an action, in ThingsBoard's shapes.
@@ -79,7 +81,13 @@ class _Push(BaseNode):
                 yield fail(message, f"Unsupported msg type {message.type}")
                 continue
             try:
-                scope = message_scope(message, default_scope)
+                # Only attribute events carry a scope; a stray metadata scope on
+                # telemetry must not fail it (ThingsBoard ignores it there).
+                scope = (
+                    message_scope(message, default_scope)
+                    if action in _SCOPED_ACTIONS
+                    else default_scope
+                )
                 body = event_body(action, message, scope)
             except ValueRejected as error:
                 yield fail(message, str(error))
