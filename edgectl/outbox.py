@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import duckdb
-import pyarrow as pa
+import pyarrow as pa  # type: ignore[import-untyped]  # ships no type hints
 
 from edgectl.changes import PendingEvent
 from edgectl.message import EntityRef, now_ms
@@ -149,15 +149,17 @@ def read_pending(
 ) -> list[Event]:
     """Up to ``limit`` events with sequence above ``after``, in sequence order."""
     where, params = _edge_filter(queue, edge)
+    # Each event names its own edge, also when ``edge`` is None (every edge).
+    edge_column = "edge" if queue == EDGE_QUEUE else "NULL"
     rows = store.read(
         "reading the queue of",
         lambda con: con.execute(
-            f"SELECT {_EVENT_FIELDS} FROM {queue} WHERE seq > ?{where} "
+            f"SELECT {_EVENT_FIELDS}, {edge_column} FROM {queue} WHERE seq > ?{where} "
             "ORDER BY seq LIMIT ?",
             [after, *params, limit],
         ).fetchall(),
     )
-    return [Event(*row, edge=edge) for row in rows]
+    return [Event(*row) for row in rows]
 
 
 def delivered_seq(store: Store, queue: str, edge: str | None) -> int:

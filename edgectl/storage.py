@@ -213,8 +213,12 @@ class Store:
             self.entities: dict[EntityRef, Entity] = {
                 entity.ref: entity for entity in self._read_entities()
             }
-            instance = con.execute("SELECT value FROM meta WHERE key = 'instance'")
-            self.instance = str(instance.fetchone()[0])  # type: ignore[index]
+            # fetchall, not fetchone: a result left open would block
+            # checkpoints (see ``read``).
+            instance = con.execute(
+                "SELECT value FROM meta WHERE key = 'instance'"
+            ).fetchall()
+            self.instance = str(instance[0][0])
         self.key_names = {key_id: key for key, key_id in self.key_ids.items()}
         self.entity_names = {entity.id: entity for entity in self.entities.values()}
         self.tokens = {
@@ -256,7 +260,14 @@ class Store:
     def read(self, action: str, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """Run a read on this thread's cursor, wrapping DuckDB errors."""
         with storage_errors(action, self.path):
-            return work(self.cursor())
+            cursor = self.cursor()
+            result = work(cursor)
+            # A result read only in part (fetchone) keeps its transaction open,
+            # and DuckDB refuses to CHECKPOINT after an UPDATE while one is
+            # open; an idle reader thread would block checkpoints for good.
+            # Draining the result ends it.
+            cursor.fetchall()
+            return result
 
     def checkpoint(self) -> None:
         """Fold the write-ahead log into the file, so it cannot grow unbounded."""
