@@ -152,6 +152,41 @@ def test_message_type_switch_routes_each_thingsboard_type_by_its_label(run_chain
     }
 
 
+# -- check_message -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"data_keys": ["t", "hum"]}, ["True", "True", "False", "False"]),
+        ({"data_keys": ["t", "hum"], "all": True}, ["True", "False", "False", "False"]),
+        ({"metadata_keys": ["deviceName"]}, ["False", "True", "False", "True"]),
+        (
+            {"data_keys": ["t"], "metadata_keys": ["deviceName"], "all": True},
+            ["False", "True", "False", "False"],
+        ),
+    ],
+    ids=["any-data-key", "all-data-keys", "metadata-key", "data-and-metadata"],
+)
+def test_check_message_routes_by_the_keys_data_and_metadata_hold(
+    run_chain, config, expected
+):
+    chain = probe("check_message", config, labels=("True", "False"))
+    incoming = [
+        telemetry({"t": 1, "hum": 2}),
+        telemetry({"t": 1}, deviceName="d"),
+        telemetry({"other": 1}),
+        telemetry([{"t": 1}], deviceName="d"),
+    ]
+    for order, item in enumerate(incoming):
+        item.metadata["n"] = str(order)
+
+    outcome = run_chain(chain, incoming)
+
+    by_order = sorted(outcome.outputs, key=lambda output: output[1].metadata["n"])
+    assert [relation for relation, _ in by_order] == expected
+
+
 # -- save_timeseries ---------------------------------------------------------
 
 

@@ -15,18 +15,6 @@ def rendered(path) -> list[str]:
     return [problem.render() for problem in validate_file(path)]
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        *sorted(RULECHAINS.glob("*.yaml")),
-        *sorted(CHAIN_DATA.glob("sample_*.yaml")),
-    ],
-    ids=lambda path: path.name,
-)
-def test_example_and_sample_chains_have_no_problem_at_all(path):
-    assert validate_file(path) == []
-
-
 def test_problem_names_file_line_column_node_key_path_and_bad_value():
     path = CHAIN_DATA / "broken_wrong_type.yaml"
 
