@@ -8,6 +8,7 @@ from typing import Any
 import duckdb
 
 from edgectl.errors import ConfigError
+from edgectl.message import SCOPES, normalize_scope
 from edgectl.outbox import CLOUD_QUEUE, EDGE_QUEUE, queue_stats
 from edgectl.storage import Store, typed_value
 from edgectl.values import TYPE_NAMES, decode
@@ -25,6 +26,9 @@ TABLES = (
 )
 VALUE_TABLES = ("ts_kv", "ts_kv_latest", "attribute_kv")
 EVENT_TABLES = ("cloud_event", "edge_event", "dead_letter")
+# Credentials are never shown: a running role serves these rows over HTTP.
+SECRET_COLUMNS = frozenset({"token", "secret"})
+HIDDEN = "(hidden)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,14 +55,19 @@ def overview(store: Store) -> dict[str, Any]:
         return result
 
     tables = store.read("counting rows in", counts)
-    queues = [asdict(stats) for q in (CLOUD_QUEUE, EDGE_QUEUE) for stats in queue_stats(store, q)]
+    queues = [
+        asdict(stats)
+        for queue in (CLOUD_QUEUE, EDGE_QUEUE)
+        for stats in queue_stats(store, queue)
+    ]
     return {"file": str(store.path), "tables": tables, "queues": queues}
 
 
 def rows(store: Store, table: str, where: RowFilter) -> list[dict[str, Any]]:
     """Rows of one table, newest first, values in their JSON type.
 
-    Raises ConfigError for an unknown table name.
+    Access tokens and edge secrets show as ``(hidden)``. Raises ConfigError for
+    an unknown table name or scope.
     """
     if table not in TABLES:
         raise ConfigError(f"no table {table!r}; tables: {', '.join(TABLES)}")
@@ -66,10 +75,30 @@ def rows(store: Store, table: str, where: RowFilter) -> list[dict[str, Any]]:
         return _value_rows(store, table, where)
     if table in EVENT_TABLES:
         return _event_rows(store, table, where)
-    return store.read(
+    found = store.read(
         "reading",
-        lambda con: _dicts(con.execute(f"SELECT * FROM {table} LIMIT ?", [where.limit])),
+        lambda con: _dicts(
+            con.execute(f"SELECT * FROM {table} LIMIT ?", [where.limit])
+        ),
     )
+    return [_hide_secrets(row) for row in found]
+
+
+def _hide_secrets(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: HIDDEN if name in SECRET_COLUMNS and value is not None else value
+        for name, value in row.items()
+    }
+
+
+def _scope(raw: str) -> str:
+    scope = normalize_scope(raw)
+    if scope is None:
+        raise ConfigError(
+            f"no scope {raw!r}; use {', '.join(SCOPES)} "
+            "(or CLIENT_SCOPE, SERVER_SCOPE, SHARED_SCOPE)"
+        )
+    return scope
 
 
 def _dicts(result: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
@@ -80,11 +109,14 @@ def _dicts(result: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
 def _value_rows(store: Store, table: str, where: RowFilter) -> list[dict[str, Any]]:
     is_attribute = table == "attribute_kv"
     ts_column = "last_update_ts" if is_attribute else "ts"
-    clauses, params = ["TRUE"], []
+    # A user coming from ThingsBoard writes SHARED_SCOPE; the file says shared.
+    scope_name = _scope(where.scope) if is_attribute and where.scope else None
+    clauses: list[str] = ["TRUE"]
+    params: list[Any] = []
     for column, value in (
         ("e.name", where.device),
         ("k.key", where.key),
-        ("t.scope", where.scope if is_attribute else None),
+        ("t.scope", scope_name),
     ):
         if value is not None:
             clauses.append(f"{column} = ?")
@@ -125,7 +157,8 @@ def _value_row(row: tuple[Any, ...], is_attribute: bool) -> dict[str, Any]:
 
 
 def _event_rows(store: Store, table: str, where: RowFilter) -> list[dict[str, Any]]:
-    clauses, params = ["TRUE"], []
+    clauses: list[str] = ["TRUE"]
+    params: list[Any] = []
     if where.device is not None:
         clauses.append("entity_name = ?")
         params.append(where.device)
@@ -135,5 +168,9 @@ def _event_rows(store: Store, table: str, where: RowFilter) -> list[dict[str, An
     if where.until is not None:
         clauses.append("ts <= ?")
         params.append(where.until)
-    query = f"SELECT * FROM {table} WHERE {' AND '.join(clauses)} ORDER BY seq DESC LIMIT ?"
-    return store.read("reading", lambda con: _dicts(con.execute(query, [*params, where.limit])))
+    query = (
+        f"SELECT * FROM {table} WHERE {' AND '.join(clauses)} ORDER BY seq DESC LIMIT ?"
+    )
+    return store.read(
+        "reading", lambda con: _dicts(con.execute(query, [*params, where.limit]))
+    )
