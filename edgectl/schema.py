@@ -19,6 +19,9 @@ from jsonschema import Draft202012Validator, ValidationError
 from edgectl.loader import Document, PathItem, Problem, format_path
 from edgectl.registry import NODE_TYPES
 
+# Ids, the entry and relation targets may not start or end with white space.
+_TRIMMED = r"^\S(.*\S)?$"
+
 
 def read_schema(name: str) -> dict[str, Any]:
     """Load a schema file shipped in the package, e.g. ``chain``."""
@@ -65,23 +68,59 @@ def _problems(
 ) -> Iterator[Problem]:
     for error in validator.iter_errors(instance):
         for leaf in _leaves(error):
-            yield _located(document, leaf, base)
+            # One error lists every unknown key of a mapping; each is a problem.
+            extras: list[str | None] = [*_unknown_keys(leaf)] or [None]
+            for extra in extras:
+                yield _located(document, leaf, base, extra)
 
 
 def _leaves(error: ValidationError) -> list[ValidationError]:
-    """The most specific errors: for oneOf and anyOf, those of the best branch."""
+    """The most specific errors: for oneOf and anyOf, those of the best branch.
+
+    The best branch reaches deepest into the value; failing that, it is the one
+    branch whose type the value has (a list that is empty, a string with the
+    wrong shape), so the message says what is wrong with the value as written.
+    """
     if error.validator in ("oneOf", "anyOf") and error.context:
         deepest = max(len(sub.absolute_path) for sub in error.context)
         if deepest > len(error.absolute_path):
             return [sub for sub in error.context if len(sub.absolute_path) == deepest]
+        fitting = [
+            branch
+            for branch in _branches(error).values()
+            if not any(sub.validator == "type" for sub in branch)
+        ]
+        if len(fitting) == 1:
+            return fitting[0]
     return [error]
 
 
+def _branches(error: ValidationError) -> dict[Any, list[ValidationError]]:
+    branches: dict[Any, list[ValidationError]] = {}
+    for sub in error.context or []:
+        branches.setdefault(sub.relative_schema_path[0], []).append(sub)
+    return branches
+
+
+def _unknown_keys(error: ValidationError) -> list[str]:
+    if error.validator != "additionalProperties" or not isinstance(
+        error.instance, dict
+    ):
+        return []
+    allowed = (
+        error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
+    )
+    return sorted(str(key) for key in error.instance if key not in allowed)
+
+
 def _located(
-    document: Document, error: ValidationError, base: list[PathItem]
+    document: Document,
+    error: ValidationError,
+    base: list[PathItem],
+    extra: str | None = None,
 ) -> Problem:
     path: list[PathItem] = [*base, *error.absolute_path]
-    message, hint, key = _describe(error)
+    message, hint, key = _describe(error, extra)
     if key is not None:
         line, column = document.key_position([*path, key])
         path = [*path, key]
@@ -99,8 +138,13 @@ def _located(
     )
 
 
-def _describe(error: ValidationError) -> tuple[str, str | None, str | None]:
-    """A readable message, a hint, and the key the error is about (if any)."""
+def _describe(
+    error: ValidationError, extra: str | None = None
+) -> tuple[str, str | None, str | None]:
+    """A readable message, a hint, and the key the error is about (if any).
+
+    ``extra`` is the unknown key an additionalProperties error is reported for.
+    """
     value, schema = error.instance, error.schema
     if error.validator == "required":
         missing = str(error.message).split("'")[1]
@@ -109,9 +153,13 @@ def _describe(error: ValidationError) -> tuple[str, str | None, str | None]:
         allowed = (
             sorted(schema.get("properties", {})) if isinstance(schema, dict) else []
         )
-        extra = sorted(set(value) - set(allowed)) if isinstance(value, dict) else []
-        key = extra[0] if extra else None
-        return f"unknown key '{key}'", _closest(str(key), allowed), key
+        return f"unknown key '{extra}'", _closest(str(extra), allowed), extra
+    if error.validator in ("minLength", "minItems") and error.validator_value == 1:
+        return f"must not be empty, got {_show(value)}", None, None
+    if error.validator == "pattern" and error.validator_value == _TRIMMED:
+        return f"must not start or end with a space, got {_show(value)}", None, None
+    if error.validator in ("oneOf", "anyOf"):
+        return _describe_branches(error), None, None
     if error.validator == "enum":
         options = [str(option) for option in error.validator_value]
         hint = _closest(str(value), options) or "one of " + ", ".join(options)
@@ -123,6 +171,18 @@ def _describe(error: ValidationError) -> tuple[str, str | None, str | None]:
             None,
         )
     return f"{error.message}", None, None
+
+
+def _describe_branches(error: ValidationError) -> str:
+    """What a value that fits none of the alternatives of a schema should be."""
+    branches = list(_branches(error).values())
+    if all(len(b) == 1 and b[0].validator == "type" for b in branches):
+        kinds = " or ".join(_article(b[0].validator_value) for b in branches)
+        return f"must be {kinds}, got {_show(error.instance)}"
+    if all(len(b) == 1 and b[0].validator == "required" for b in branches):
+        keys = " or ".join(f"'{str(b[0].message).split(chr(39))[1]}'" for b in branches)
+        return f"needs at least one of the keys {keys}"
+    return f"{_show(error.instance)} fits none of the allowed forms"
 
 
 def _article(kind: Any) -> str:

@@ -77,6 +77,60 @@ nodes:
     ]
 
 
+def test_every_unknown_key_of_a_node_is_reported_with_its_own_hint(write_chain):
+    path = write_chain(
+        """\
+name: Two typos
+entry: route
+nodes:
+  - id: route
+    type: message_type_switch
+    nxet: {}
+    descripton: routes by type
+"""
+    )
+
+    assert rendered(path) == [
+        f"{path}:6:5: error: node 'route': nodes[0].nxet: unknown key 'nxet'; "
+        "hint: did you mean 'next'?",
+        f"{path}:7:5: error: node 'route': nodes[0].descripton: unknown key "
+        "'descripton'; hint: did you mean 'description'?",
+    ]
+
+
+def test_schema_messages_say_what_a_value_must_be_in_words(write_chain):
+    path = write_chain(
+        """\
+name: ""
+entry: route
+nodes:
+  - id: route
+    type: message_type_switch
+    next:
+      Post telemetry: 5
+      Post attributes: []
+      Other: " spaced "
+  - id: " padded"
+    type: check_message
+    config: {}
+"""
+    )
+
+    assert rendered(path) == [
+        f'{path}:1:7: error: name: must not be empty, got ""',
+        f"{path}:7:23: error: node 'route': nodes[0].next.Post telemetry: must be "
+        "a string or a list, got 5",
+        f"{path}:8:24: error: node 'route': nodes[0].next.Post attributes: must "
+        "not be empty, got []",
+        f"{path}:9:14: error: node 'route': nodes[0].next.Other: must not start "
+        'or end with a space, got " spaced "',
+        f"{path}:10:9: error: node ' padded': nodes[1].id: must not start or end "
+        'with a space, got " padded"',
+        f"{path}:12:13: error: node ' padded': nodes[1].config: needs at least one "
+        "of the keys 'data_keys' or 'metadata_keys'",
+    ]
+
+
 def test_problem_under_a_true_label_points_at_that_label_not_the_first_one(
     write_chain,
 ):
