@@ -422,6 +422,54 @@ def test_events_keep_arrival_order_when_messages_take_different_paths(
     ]
 
 
+TELEMETRY_AND_DELETES = Chain(
+    "Save and delete",
+    "route",
+    (
+        node(
+            "route",
+            "message_type_switch",
+            **{"Post telemetry": "save", "Timeseries Deleted": "delete"},
+        ),
+        node("save", "save_timeseries"),
+        node("delete", "delete_timeseries"),
+    ),
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="storage.py writes every reading of a batch before its timeseries "
+    "deletes, so a reading that arrived after the delete is deleted too",
+)
+def test_reading_that_arrives_after_a_delete_in_the_same_batch_is_kept(
+    run_chain, stored
+):
+    run_chain(TELEMETRY_AND_DELETES, [telemetry({"t": 0}, ts=1)])
+    deletion = message("TIMESERIES_DELETED", {"keys": ["t"]}, 6)
+
+    run_chain(
+        TELEMETRY_AND_DELETES,
+        [telemetry({"t": 1}, ts=5), deletion, telemetry({"t": 2}, ts=7)],
+    )
+
+    assert stored.readings() == [("thermometer-1", "t", 7, 2, None)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="storage.py looks up the keys and device of a timeseries delete "
+    "among those committed before the batch, so readings of a device or key "
+    "new in the same batch are not deleted",
+)
+def test_delete_removes_readings_stored_earlier_in_the_same_batch(run_chain, stored):
+    deletion = message("TIMESERIES_DELETED", {"keys": ["t"]}, 6)
+
+    run_chain(TELEMETRY_AND_DELETES, [telemetry({"t": 1}, ts=5), deletion])
+
+    assert stored.readings() == []
+
+
 def test_sequence_numbers_continue_across_batches(run_chain, stored):
     chain = """
         name: Push all
