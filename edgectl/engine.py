@@ -107,15 +107,19 @@ class BuildContext:
 
     ``load_chain`` loads and validates a chain file; ``stack`` holds the files
     being built, so a chain that calls itself is refused instead of recursing.
+    ``execution_limit`` is the calling engine's, which called chains report
+    when a message's budget runs out inside them.
     """
 
     def __init__(
         self,
         load_chain: Callable[[Path], Chain] | None = None,
         stack: tuple[Path, ...] = (),
+        execution_limit: int = DEFAULT_EXECUTION_LIMIT,
     ) -> None:
         self.load_chain = load_chain
         self.stack = stack
+        self.execution_limit = execution_limit
 
     def engine_for(self, path: Path) -> Engine:
         """Build the engine of a chain file a ``rule_chain`` node calls."""
@@ -126,7 +130,9 @@ class BuildContext:
         if self.load_chain is None:
             raise ChainError(f"cannot load {path}: no chain loader was given")
         chain = self.load_chain(resolved)
-        return Engine(chain, BuildContext(self.load_chain, (*self.stack, resolved)))
+        stack = (*self.stack, resolved)
+        context = BuildContext(self.load_chain, stack, self.execution_limit)
+        return Engine(chain, context, self.execution_limit)
 
 
 class Engine:
@@ -142,7 +148,8 @@ class Engine:
 
         self.chain = chain
         self.execution_limit = execution_limit
-        context = context or BuildContext(_load_chain_file, _stack_of(chain))
+        given = context or BuildContext(_load_chain_file, _stack_of(chain))
+        context = BuildContext(given.load_chain, given.stack, execution_limit)
         self.nodes: dict[str, Node] = {
             spec.id: build_node(spec, chain, context) for spec in chain.nodes
         }

@@ -378,6 +378,50 @@ def test_notifications_that_feed_themselves_are_stopped_by_the_execution_limit(
     ]
 
 
+@pytest.mark.timeout(20)
+def test_runaway_inside_a_called_chain_reports_the_callers_limit(
+    run_chain, write_chain
+):
+    write_chain(
+        """
+name: Fan out
+entry: explode
+nodes:
+  - id: explode
+    type: transform
+    config:
+      script: |
+        var out = [];
+        for (var i = 0; i < 100; i++) { out.push({msg: msg}); }
+        return out;
+    next:
+      Success: done
+  - id: done
+    type: output
+""",
+        "fan_out.yaml",
+    )
+    caller = """
+        name: Caller
+        entry: call
+        nodes:
+          - id: call
+            type: rule_chain
+            config:
+              chain: fan_out.yaml
+    """
+
+    outcome = run_chain(caller, [telemetry({"t": 1})], execution_limit=40)
+
+    assert outcome.failures == [
+        (
+            "call",
+            "stopped after 40 node executions for one incoming message "
+            f"(at node 'done'); {RUNAWAY}",
+        )
+    ]
+
+
 # -- arrival order -----------------------------------------------------------
 
 
