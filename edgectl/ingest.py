@@ -49,6 +49,7 @@ Value = int | float | str
 EPOCH_MS: Final = "epoch_ms"
 EPOCH_S: Final = "epoch_s"
 MAX_PROBLEMS_KEPT: Final = 100
+_LAYOUT_ROWS: Final = 50
 
 SEPARATOR_NAMES: Final = {
     "comma": ",",
@@ -474,13 +475,17 @@ def _scan(path: Path, mapping: IngestMapping) -> Iterator[_Item]:
     with _open_text(path, mapping) as handle:
         records = _records(handle, path, mapping)
         header = _read_header(records, path) if mapping.has_header else None
+        # The layout is decided from the first rows, not the first one alone:
+        # one bad row at the top must not shift every column of the file.
+        first = list(itertools.islice(records, _LAYOUT_ROWS))
+        sample = [row for _line, row in first if not _is_blank(row)]
         parser: _RowParser | None = None
-        for line, row in records:
+        for line, row in itertools.chain(first, records):
             if _is_blank(row):
                 yield _Blank(line)
                 continue
             if parser is None:
-                names = _column_names(header, row, mapping)
+                names = _column_names(header, sample or [row], mapping)
                 parser = _RowParser(_Layout.build(names, path, mapping), path, mapping)
             yield parser.parse(line, row)
 
@@ -529,17 +534,23 @@ def _read_header(records: Iterator[tuple[int, list[str]]], path: Path) -> list[s
 
 
 def _column_names(
-    header: list[str] | None, first_row: list[str], mapping: IngestMapping
+    header: list[str] | None, rows: list[list[str]], mapping: IngestMapping
 ) -> list[str]:
     if mapping.columns:
         return list(mapping.columns)
     if header is None:
-        return _auto_names(len(first_row))
+        return _auto_names(_usual_width(rows))
     # Like pandas: a header one name short, over rows whose last field is set,
-    # means the first column is an unnamed row index.
-    if len(first_row) == len(header) + 1 and first_row[-1].strip():
+    # means the first column is an unnamed row index. Most rows must say so.
+    indexed = sum(1 for row in rows if len(row) == len(header) + 1 and row[-1].strip())
+    if indexed > len(rows) // 2:
         return ["", *header]
     return header
+
+
+def _usual_width(rows: list[list[str]]) -> int:
+    widths = Counter(len(row) for row in rows)
+    return widths.most_common(1)[0][0] if widths else 0
 
 
 def _auto_names(count: int) -> list[str]:
@@ -1156,12 +1167,12 @@ def _sniffed_columns(
     rows: list[list[str]], has_header: bool
 ) -> tuple[list[str], list[list[str]]]:
     if not has_header:
-        return _auto_names(len(rows[0]) if rows else 0), rows
+        return _auto_names(_usual_width(rows)), rows
     header = [name.strip() for name in rows[0]]
     data = rows[1:]
     if not data:
         return header, data
-    return _column_names(header, data[0], IngestMapping()), data
+    return _column_names(header, data, IngestMapping()), data
 
 
 def _sniff_timestamp(
@@ -1277,7 +1288,9 @@ def _message(store: Store, reading: Reading) -> Message:
     return Message(POST_TELEMETRY_REQUEST, entity, reading.values, metadata)
 
 
-def build_mapping(path: Path, mapping_file: Path | None, given: dict[str, Any]) -> IngestMapping:
+def build_mapping(
+    path: Path, mapping_file: Path | None, given: dict[str, Any]
+) -> IngestMapping:
     """The mapping for a file: sniffed, then the mapping file, then options.
 
     ``given`` holds option values by field name; None means not given.
