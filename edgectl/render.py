@@ -120,7 +120,10 @@ def ingest_summary(console: Console, summary: Any) -> None:
     console.print(table)
     console.print(f"took {summary.elapsed:.2f} s")
     for problem in summary.problems:
-        console.print(f"line {problem.line}: {problem.reason}", style="yellow")
+        console.print(f"line {problem.line}: {problem.reason}", style="yellow", markup=False)
+    unlisted = summary.rejected - len(summary.problems)
+    if unlisted > 0:
+        console.print(f"... and {unlisted} more rejected line(s) not listed", style="yellow")
 
 
 def _demo_table(snapshot: Any) -> Table:
