@@ -15,6 +15,7 @@ from conftest import CHAIN_DATA, REPO, RULECHAINS
 from typer.testing import CliRunner
 
 from edgectl.cli import app
+from edgectl.loader import Problem
 
 BROKEN = {
     "broken_yaml.yaml": [
@@ -191,6 +192,17 @@ def test_json_prints_the_same_problems_as_a_list_of_objects(in_chain_data):
         "path": "nodes[1].config.latest",
         "hint": "one of on_every_message, skip",
     }
+
+
+def test_json_holds_exactly_what_the_text_output_prints(in_chain_data):
+    names = ["broken_many_problems.yaml", "broken_script.yaml", "warn_unreachable.yaml"]
+
+    text = validate(*names)
+    as_json = validate("--json", *names)
+
+    rendered = [Problem(**fields).render() for fields in json.loads(as_json.stdout)]
+    assert "\n".join(rendered).splitlines() == text.stdout.splitlines()
+    assert as_json.exit_code == text.exit_code == 1
 
 
 def test_json_of_valid_files_is_an_empty_list_and_exit_0():

@@ -131,6 +131,30 @@ nodes:
     ]
 
 
+def test_relation_label_written_twice_is_a_yaml_error_at_the_second(write_chain):
+    path = write_chain(
+        """\
+name: Label twice
+entry: a
+nodes:
+  - id: a
+    type: log
+    next:
+      Success: b
+      Success: c
+  - id: b
+    type: log
+  - id: c
+    type: log
+"""
+    )
+
+    assert rendered(path) == [
+        f'{path}:8:7: error: invalid YAML: found duplicate key "Success" with '
+        'value "c" (original value: "b")',
+    ]
+
+
 def test_problem_under_a_true_label_points_at_that_label_not_the_first_one(
     write_chain,
 ):
