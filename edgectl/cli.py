@@ -31,11 +31,19 @@ EXIT_INTERRUPT = 130
 
 
 def setup_logging(verbose: bool) -> None:
-    """Install one rich handler on the ``edgectl`` logger."""
+    """Install one handler on the ``edgectl`` logger: rich on a terminal, and
+    one plain line per record otherwise, so log files stay greppable."""
     root = logging.getLogger("edgectl")
     root.handlers.clear()
-    handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler: logging.Handler
+    if err.is_terminal:
+        handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -19,13 +20,14 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
-from edgectl.api import Limits, Service, build_app
+from edgectl.api import Limits, Service, build_app, timed_http_protocol
 from edgectl.checks import load_chain
 from edgectl.config import RoleConfig
 from edgectl.engine import BuildContext, Engine
 from edgectl.metrics import Metrics
 from edgectl.message import SOURCE_CLOUD, SOURCE_EDGE, now_ms
 from edgectl.outbox import CLOUD_QUEUE, EDGE_QUEUE, queue_stats
+from edgectl.quota import QueueLimits, Quota
 from edgectl.storage import Store
 from edgectl.sync import Receiver
 from edgectl.writer import BatchStats, Writer
@@ -56,13 +58,38 @@ def open_service(config: RoleConfig) -> Service:
         writer,
         Receiver(store, engine, source),
         metrics,
-        Limits(max_body_bytes=config.max_body_bytes, max_attempts=config.max_attempts),
+        _limits(config),
+        _quota(config, store, metrics),
+        config.admin_secret(),
     )
     writer.hooks.append(service.on_commit)
     writer.stats_hooks.append(lambda stats: _count(metrics, stats))
     _add_gauges(service)
     logger.info("%s: chain %r from %s, data in %s", config.role, chain.name, chain_path, store.path)
     return service
+
+
+def _limits(config: RoleConfig) -> Limits:
+    return Limits(
+        max_body_bytes=config.max_body_bytes,
+        max_sync_body_bytes=config.max_sync_body_bytes,
+        max_value_bytes=config.max_value_bytes,
+        max_polls_per_device=config.max_polls_per_device,
+        client_timeout_seconds=config.client_timeout_seconds,
+        max_attempts=config.max_attempts,
+    )
+
+
+def _quota(config: RoleConfig, store: Store, metrics: Metrics) -> Quota:
+    limits = QueueLimits(
+        max_bytes=config.max_queue_bytes,
+        max_age_seconds=config.max_queue_age_seconds,
+        drop_oldest=config.queue_full == "drop_oldest",
+    )
+    queue = CLOUD_QUEUE if config.role == "edge" else EDGE_QUEUE
+    quota = Quota(store, queue, limits, metrics)
+    quota.measure()
+    return quota
 
 
 def _count(metrics: Metrics, stats: BatchStats) -> None:
@@ -84,6 +111,10 @@ def _add_gauges(service: Service) -> None:
     service.metrics.gauges["queue_depth"] = lambda: totals()[0]
     service.metrics.gauges["queue_lag_seconds"] = lambda: totals()[1]
     service.metrics.gauges["dead_letters"] = lambda: totals()[2]
+    quota = service.quota
+    if quota is not None:
+        service.metrics.gauges["queue_bytes"] = lambda: quota.queued_bytes
+        service.metrics.gauges["queue_max_bytes"] = lambda: quota.limits.max_bytes
 
 
 def build_role_app(config: RoleConfig, service: Service) -> Starlette:
@@ -102,6 +133,8 @@ async def _lifespan(config: RoleConfig, service: Service) -> AsyncIterator[None]
     service.writer.start()
     stop = asyncio.Event()
     tasks = [asyncio.create_task(_expire_loop(config, service, stop))]
+    if service.quota is not None:
+        tasks.append(asyncio.create_task(service.quota.run(service.writer, stop)))
     client = None
     if config.role == "edge":
         client = _start_sync(config, service, stop, tasks)
@@ -143,7 +176,7 @@ def _start_sync(
     )
     tasks.append(asyncio.create_task(uplink.run(stop)))
     tasks.append(asyncio.create_task(downlink.run(stop)))
-    logger.info("syncing with cloud %s as key %r", config.cloud, config.edge_key)
+    logger.info("syncing with cloud %s", config.cloud)
     return client
 
 
@@ -220,6 +253,11 @@ class _Server(uvicorn.Server):
         if closing is not None and loop is not None:
             loop.call_soon_threadsafe(closing.set)
         super().handle_exit(sig, frame)
+        # uvicorn raises the signal again once it has stopped, so SIGTERM would
+        # end the process as killed. A stop that finished cleanly exits 0;
+        # Ctrl-C still ends as an interrupt (130).
+        if sig == signal.SIGTERM and sig in self._captured_signals:
+            self._captured_signals.remove(sig)
 
 
 def _server_config(config: RoleConfig, service: Service) -> uvicorn.Config:
@@ -229,6 +267,7 @@ def _server_config(config: RoleConfig, service: Service) -> uvicorn.Config:
         access_log=False,
         lifespan="on",
         timeout_keep_alive=30,
+        http=timed_http_protocol(config.client_timeout_seconds),
         timeout_graceful_shutdown=10,
         ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
         ssl_keyfile=str(config.tls_key) if config.tls_key else None,

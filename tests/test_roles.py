@@ -194,3 +194,35 @@ def test_a_poison_event_is_dead_lettered_while_the_rest_flow(roles, tmp_path):
     assert dead[0]["attempts"] == 3
     assert "reading 5 is poison" in dead[0]["last_error"]
     wait_for(lambda: edge_dead_and_pending(edge) == (1, 0), what="an empty queue")
+
+
+def test_sigterm_stops_a_role_cleanly_with_exit_0_and_the_file_closed(roles):
+    edge = roles("edge")
+    add_device(edge, "quiet", "T-quiet")
+    assert post(edge, "T-quiet", "telemetry", {"n": 1}).status_code == 200
+    assert edge.stop() == 0
+    log = edge.log.read_text()
+    assert "edge stopped; " in log and "closed" in log
+    assert "Traceback" not in log
+
+
+TIMEOUT_EDGE_CHAIN = """
+name: Edge chain with a script that loops
+entry: spin
+nodes:
+  - id: spin
+    type: filter
+    config:
+      timeout_ms: 100
+      script: "while (true) {}"
+"""
+
+
+def test_a_role_still_stops_on_sigterm_after_a_script_timed_out(roles, tmp_path):
+    chain = tmp_path / "spin.yaml"
+    chain.write_text(TIMEOUT_EDGE_CHAIN)
+    edge = roles("edge", "--chain", str(chain))
+    add_device(edge, "spinner", "T-spin")
+    assert post(edge, "T-spin", "telemetry", {"n": 1}).status_code == 200
+    assert edge.stop(timeout=15) == 0
+    assert "script ran longer than 100 ms" in edge.log.read_text()
