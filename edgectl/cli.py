@@ -551,12 +551,12 @@ def main() -> None:
         err.print("interrupted")
         sys.exit(EXIT_INTERRUPT)
     except Exception as error:
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        if isinstance(error, click.exceptions.Abort):
+        # typer raises its own copy of click's exceptions; both are accepted.
+        kinds = {kind.__name__ for kind in type(error).__mro__}
+        if "ClickException" in kinds:
+            error.show()  # type: ignore[attr-defined]
+            sys.exit(error.exit_code)  # type: ignore[attr-defined]
+        if "Abort" in kinds:
             sys.exit(EXIT_INTERRUPT)
         err.print("edgectl hit a bug; please report it with this traceback:")
         err.print_exception()

@@ -274,12 +274,6 @@ def test_installed_edgectl_command_validates_the_example_chains():
     assert (done.returncode, done.stdout) == (0, "3 file(s) valid\n")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.main() checks click.exceptions.ClickException, but typer raises "
-    "its vendored typer._click exceptions, so a usage error exits 3 with a "
-    "'hit a bug' traceback instead of 2",
-)
 def test_validate_without_files_is_a_usage_error_exit_2():
     done = run_edgectl("validate")
 
