@@ -3,12 +3,19 @@
 DuckDB lets one process open a file for writing, so ``inspect``, ``replay``,
 ``devices add`` and ``edges add`` against a running server go through here.
 Writes run on the role's writer thread.
+
+These routes read every edge's events and register devices, so they answer
+only clients on this machine (a loopback address), unless the role has an
+``admin_token``: then any client that sends ``Authorization: Bearer TOKEN``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import hmac
+import ipaddress
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -16,7 +23,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edgectl.api import HttpError, Service, guarded, parse_body, read_body
+from edgectl.api import (
+    Handler,
+    HttpError,
+    Service,
+    error_response,
+    guarded,
+    parse_body,
+    read_body,
+)
 from edgectl.devices import register_device, register_edge
 from edgectl.replay import Selection, list_events, purge, requeue_dead
 from edgectl.tables import RowFilter, overview, rows
@@ -29,7 +44,11 @@ async def _on_writer(service: Service, work: Callable[[], T]) -> T:
 
 
 async def _json_body(service: Service, request: Request) -> dict[str, Any]:
-    data = parse_body(await read_body(request, service.limits.max_body_bytes))
+    limits = service.limits
+    body = await read_body(
+        request, limits.max_body_bytes, limits.client_timeout_seconds
+    )
+    data = parse_body(body)
     if not isinstance(data, dict):
         raise HttpError(400, "body must be a JSON object")
     return data
@@ -54,7 +73,12 @@ async def add_device(service: Service, request: Request) -> Response:
     device, created = await _on_writer(
         service, lambda: register_device(service.store, name, type=kind, token=token)
     )
-    body = {"name": device.name, "type": device.type, "token": device.token, "created": created}
+    body = {
+        "name": device.name,
+        "type": device.type,
+        "token": device.token,
+        "created": created,
+    }
     return JSONResponse(body)
 
 
@@ -76,7 +100,12 @@ async def add_edge(service: Service, request: Request) -> Response:
         service, lambda: register_edge(service.store, name, key=key, secret=secret)
     )
     return JSONResponse(
-        {"name": edge.name, "key": edge.routing_key, "secret": edge.secret, "created": created}
+        {
+            "name": edge.name,
+            "key": edge.routing_key,
+            "secret": edge.secret,
+            "created": created,
+        }
     )
 
 
@@ -133,12 +162,14 @@ async def replay(service: Service, request: Request) -> Response:
     if action not in operations:
         raise HttpError(404, f"no replay action {action!r}; use list, requeue or purge")
     operation = operations[action]
-    count = await _on_writer(service, lambda: operation(service.store, selection, dry_run=dry_run))
+    count = await _on_writer(
+        service, lambda: operation(service.store, selection, dry_run=dry_run)
+    )
     return JSONResponse({"count": count, "dry_run": dry_run})
 
 
 def admin_routes(service: Service) -> list[Route]:
-    """The admin API routes of a role."""
+    """The admin API routes of a role, each behind ``admin_only``."""
     table: list[tuple[str, Any, str]] = [
         ("/api/edgectl/devices", add_device, "POST"),
         ("/api/edgectl/devices", list_devices, "GET"),
@@ -147,4 +178,49 @@ def admin_routes(service: Service) -> list[Route]:
         ("/api/edgectl/tables/{table}", inspect_table, "GET"),
         ("/api/edgectl/replay/{action}", replay, "POST"),
     ]
-    return [Route(path, guarded(service, handler), methods=[method]) for path, handler, method in table]
+    return [
+        Route(
+            path, admin_only(service, guarded(service, handler, path)), methods=[method]
+        )
+        for path, handler, method in table
+    ]
+
+
+def admin_only(service: Service, endpoint: Handler) -> Handler:
+    """Answer 403 to a client off this machine, or 401 without the admin token."""
+
+    async def checked(request: Request) -> Response:
+        refusal = _admin_refusal(service.admin_token, request)
+        if refusal is not None:
+            service.metrics.add("requests_rejected", 1)
+            return error_response(*refusal)
+        return await endpoint(request)
+
+    return checked
+
+
+def _admin_refusal(token: str | None, request: Request) -> tuple[int, str] | None:
+    if token:
+        scheme, _, offered = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(offered.encode()).digest()
+        expected = hashlib.sha256(token.encode()).digest()
+        if scheme.lower() == "bearer" and hmac.compare_digest(digest, expected):
+            return None
+        return 401, "the admin API needs Authorization: Bearer and the admin token"
+    if _is_loopback(request.client.host if request.client else ""):
+        return None
+    return 403, (
+        "the admin API answers only on this machine; set admin_token on the role "
+        "to reach it from elsewhere"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    # A dual-stack socket shows an IPv4 client as ::ffff:127.0.0.1.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback

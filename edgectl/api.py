@@ -2,21 +2,29 @@
 
 Handlers parse and check requests, hand work to the writer thread and answer
 once it is committed. Every refusal is a status with a JSON body
-``{"error": "..."}`` that says what was wrong.
+``{"error": "..."}`` that says what was wrong, and a refused request stores
+nothing. Limits keep one client from starving the others: body size, value
+size and depth, time to send a request, and waiting polls per device or edge.
+Tokens and secrets are never logged; log lines name the route, not the path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import gzip
+import hashlib
 import hmac
+import io
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -35,11 +43,19 @@ from edgectl.message import (
     thingsboard_scope,
 )
 from edgectl.metrics import Metrics
-from edgectl.outbox import EDGE_QUEUE, dead_letter, delivered_seq, mark_delivered
-from edgectl.outbox import read_pending, record_failure
+from edgectl.outbox import (
+    EDGE_QUEUE,
+    dead_letter,
+    delivered_seq,
+    mark_delivered,
+    read_pending,
+    record_failure,
+)
 from edgectl.storage import DEVICE, Edge, Entity, Store
 from edgectl.sync import ApplyResult, Receiver, decode_events, encode_event, peer_key
 from edgectl.values import (
+    JSON,
+    STRING,
     JsonSyntaxError,
     ValueRejected,
     classify,
@@ -49,15 +65,24 @@ from edgectl.values import (
 )
 from edgectl.writer import Writer
 
+if TYPE_CHECKING:
+    from edgectl.quota import Quota
+
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+MAX_KEY_CHARS = 255
+MAX_VALUE_DEPTH = 64
+QUEUE_FULL_RETRY_SECONDS = 5
 
 
 class HttpError(Exception):
     """A refusal: the status and a message for the client."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -66,11 +91,18 @@ class HttpError(Exception):
 
 @dataclass(slots=True)
 class Limits:
-    """Request limits that keep one client from starving the others."""
+    """Request limits that keep one client from starving the others.
+
+    ``max_value_bytes`` caps one string or json value (0: no cap);
+    ``client_timeout_seconds`` is how long a client has to send its request
+    headers, and again its body.
+    """
 
     max_body_bytes: int = 1024 * 1024
     max_sync_body_bytes: int = 64 * 1024 * 1024
+    max_value_bytes: int = 64 * 1024
     max_polls_per_device: int = 4
+    client_timeout_seconds: float = 30.0
     max_attempts: int = 3
 
 
@@ -84,12 +116,15 @@ class Service:
     receiver: Receiver
     metrics: Metrics
     limits: Limits = field(default_factory=Limits)
+    quota: Quota | None = None
+    admin_token: str | None = field(default=None, repr=False)
     loop: asyncio.AbstractEventLoop | None = None
     closing: asyncio.Event | None = None
     _watchers: dict[EntityRef, list[asyncio.Future[Any]]] = field(
         default_factory=lambda: defaultdict(list)
     )
     _edge_waiters: dict[str, asyncio.Event] = field(default_factory=dict)
+    _edge_polls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def on_commit(self, changes: ChangeSet) -> None:
         """Writer hook: wake long polls that the committed changes concern."""
@@ -143,13 +178,23 @@ def _shared_updates(changes: ChangeSet) -> dict[EntityRef, dict[str, Any]]:
     return updates
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> Response:
     """A JSON error body with the status."""
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def guarded(service: Service, handler: Callable[[Service, Request], Awaitable[Response]]) -> Handler:
-    """Wrap a handler so refusals become answers and nothing crashes the server."""
+def guarded(
+    service: Service,
+    handler: Callable[[Service, Request], Awaitable[Response]],
+    route: str = "",
+) -> Handler:
+    """Wrap a handler so refusals become answers and nothing crashes the server.
+
+    ``route`` is the path template used in log lines: the real path holds the
+    device's access token, which must never reach a log.
+    """
 
     async def endpoint(request: Request) -> Response:
         try:
@@ -159,38 +204,63 @@ def guarded(service: Service, handler: Callable[[Service, Request], Awaitable[Re
                 service.metrics.add("requests_rejected", 1)
             return error_response(error.status, error.message, error.headers)
         except StorageError as error:
-            logger.error("storage failed while answering %s: %s", request.url.path, error)
+            logger.error("storage failed while answering %s: %s", route, error)
             return error_response(
-                503, "the edge could not store this; nothing was kept, try again",
+                503,
+                f"the {service.role} could not store this; nothing was kept, try again",
                 {"Retry-After": "1"},
             )
         except EdgectlError as error:
             return error_response(400, str(error))
+        except Exception:
+            logger.exception("bug while answering %s; please report it", route)
+            return error_response(
+                500, f"the {service.role} failed unexpectedly; see its log"
+            )
 
     return endpoint
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (gzip undone)."""
+async def read_body(request: Request, limit: int, timeout: float = 30.0) -> bytes:
+    """The request body, gzip undone.
+
+    Refused with 413 past ``limit`` bytes (before or after unzipping), 408
+    when it takes longer than ``timeout`` seconds to arrive, and 415 for a
+    content encoding other than gzip.
+    """
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", ""):
+        raise HttpError(
+            415, f"content-encoding {encoding!r} is not supported; send gzip or none"
+        )
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise HttpError(413, f"body of {declared} bytes is over the limit of {limit} bytes")
+        raise HttpError(
+            413, f"body of {declared} bytes is over the limit of {limit} bytes"
+        )
+    try:
+        async with asyncio.timeout(timeout):
+            body = await _read_stream(request, limit)
+    except TimeoutError:
+        raise HttpError(
+            408, f"the request body did not arrive within {timeout:g} s"
+        ) from None
+    return _gunzip(body, limit) if encoding == "gzip" else body
+
+
+async def _read_stream(request: Request, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise HttpError(413, f"body is over the limit of {limit} bytes")
         chunks.append(chunk)
-    body = b"".join(chunks)
-    if request.headers.get("content-encoding") == "gzip":
-        body = _gunzip(body, limit)
-    return body
+    return b"".join(chunks)
 
 
 def _gunzip(body: bytes, limit: int) -> bytes:
     try:
-        decompressor = gzip.GzipFile(fileobj=__import__("io").BytesIO(body))
-        data = decompressor.read(limit + 1)
+        data = gzip.GzipFile(fileobj=io.BytesIO(body)).read(limit + 1)
     except (OSError, EOFError) as error:
         raise HttpError(400, f"body is not valid gzip: {error}") from None
     if len(data) > limit:
@@ -204,6 +274,98 @@ def parse_body(body: bytes) -> Any:
         return parse_json(body)
     except JsonSyntaxError as error:
         raise HttpError(400, f"malformed JSON: {error}") from None
+    except RecursionError:
+        # The exact-integer parser recurses once per level and gives up near
+        # Python's recursion limit; orjson stops at 1024 levels.
+        raise HttpError(
+            400,
+            "malformed JSON: nested too deeply to parse; "
+            f"values may nest at most {MAX_VALUE_DEPTH} levels",
+        ) from None
+
+
+def check_values(values: dict[str, Any], limits: Limits, where: str = "") -> None:
+    """Refuse a key or value that cannot be stored, naming it.
+
+    Keys must have 1 to 255 characters. Null and non-finite numbers are
+    refused (400), json values may nest at most 64 levels (400), and a string
+    or json value longer than ``limits.max_value_bytes`` in UTF-8 is refused
+    with 413.
+    """
+    for key, value in values.items():
+        _check_key(key, where)
+        if isinstance(value, dict | list) and _nests_deeper(value, MAX_VALUE_DEPTH):
+            raise HttpError(
+                400,
+                f"{where}key {key!r}: value nests deeper than "
+                f"{MAX_VALUE_DEPTH} levels of objects and arrays",
+            )
+        try:
+            kind, stored = classify(value)
+        except ValueRejected as error:
+            raise HttpError(400, f"{where}key {key!r}: {error}") from None
+        if kind in (STRING, JSON):
+            _check_size(key, stored, limits.max_value_bytes, where)
+
+
+def _check_key(key: str, where: str) -> None:
+    if not key:
+        raise HttpError(400, f"{where}a key is empty; every key needs a name")
+    if len(key) > MAX_KEY_CHARS:
+        raise HttpError(
+            400,
+            f"{where}key {key[:40]!r}... has {len(key)} characters; "
+            f"keys may have at most {MAX_KEY_CHARS}",
+        )
+
+
+def _check_size(key: str, text: str, limit: int, where: str) -> None:
+    # A character takes at most 4 bytes in UTF-8, so most values need no encoding.
+    if not limit or len(text) * 4 <= limit:
+        return
+    size = len(text.encode())
+    if size > limit:
+        raise HttpError(
+            413,
+            f"{where}key {key!r}: value of {size} bytes is over the limit of "
+            f"{limit} bytes per value; store large data elsewhere and send a "
+            "reference to it",
+        )
+
+
+def _nests_deeper(value: dict[str, Any] | list[Any], limit: int) -> bool:
+    # Iterative, so a deep value cannot exhaust the stack while being checked.
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend(
+            (child, depth + 1) for child in children if isinstance(child, dict | list)
+        )
+    return False
+
+
+def check_room(service: Service) -> None:
+    """Refuse with 503 and Retry-After while the outgoing queue is full."""
+    quota = service.quota
+    if quota is None or not quota.is_full():
+        return
+    service.metrics.add("requests_refused_full", 1)
+    peer = "the cloud" if service.role == "edge" else "its edges"
+    raise HttpError(
+        503,
+        f"the {service.role}'s queue to {peer} is full ({quota.queued_bytes} bytes, "
+        f"max_queue_bytes is {quota.limits.max_bytes}); nothing was stored, "
+        f"retry in {QUEUE_FULL_RETRY_SECONDS} s",
+        {"Retry-After": str(QUEUE_FULL_RETRY_SECONDS)},
+    )
+
+
+def _note_accepted(service: Service, body: bytes) -> None:
+    if service.quota is not None:
+        service.quota.note_accepted(len(body))
 
 
 # -- device API --------------------------------------------------------------
@@ -221,25 +383,27 @@ def _metadata(device: Entity, ts: int) -> dict[str, str]:
     return {"deviceName": device.name, "deviceType": device.type, "ts": str(ts)}
 
 
-def check_values(values: dict[str, Any], where: str = "") -> None:
-    """Refuse a key whose value cannot be stored (null, NaN), naming it."""
-    for key, value in values.items():
-        try:
-            classify(value)
-        except ValueRejected as error:
-            raise HttpError(400, f"{where}key {key!r}: {error}") from None
+async def _device_body(service: Service, request: Request) -> tuple[Entity, bytes]:
+    device = _device(service, request)
+    check_room(service)
+    limits = service.limits
+    body = await read_body(
+        request, limits.max_body_bytes, limits.client_timeout_seconds
+    )
+    return device, body
 
 
-async def _commit(service: Service, messages: list[Message]) -> None:
+async def _commit(service: Service, messages: list[Message], body: bytes) -> None:
     future = service.writer.submit(messages)
     await asyncio.wrap_future(future)
     service.metrics.add("messages_accepted", len(messages))
+    _note_accepted(service, body)
 
 
 async def post_telemetry(service: Service, request: Request) -> Response:
     """``POST /api/v1/{token}/telemetry``: store readings, answer after commit."""
-    device = _device(service, request)
-    data = parse_body(await read_body(request, service.limits.max_body_bytes))
+    device, body = await _device_body(service, request)
+    data = parse_body(body)
     if data == {} or data == []:
         return Response(status_code=200)
     if not isinstance(data, dict | list):
@@ -249,28 +413,31 @@ async def post_telemetry(service: Service, request: Request) -> Response:
     except ValueRejected as error:
         raise HttpError(400, str(error)) from None
     messages = []
-    for ts, values in groups:
-        check_values(values)
+    for index, (ts, values) in enumerate(groups):
+        where = f"item {index}: " if isinstance(data, list) else ""
+        check_values(values, service.limits, where)
         if values:
+            metadata = _metadata(device, ts)
             messages.append(
-                Message(POST_TELEMETRY_REQUEST, device.ref, values, _metadata(device, ts))
+                Message(POST_TELEMETRY_REQUEST, device.ref, values, metadata)
             )
     if messages:
-        await _commit(service, messages)
+        await _commit(service, messages, body)
     return Response(status_code=200)
 
 
 async def post_attributes(service: Service, request: Request) -> Response:
     """``POST /api/v1/{token}/attributes``: client attributes, a flat object."""
-    device = _device(service, request)
-    data = parse_body(await read_body(request, service.limits.max_body_bytes))
+    device, body = await _device_body(service, request)
+    data = parse_body(body)
     if not isinstance(data, dict):
         raise HttpError(400, "attributes must be a JSON object of key-values")
     if not data:
         return Response(status_code=200)
-    check_values(data)
+    check_values(data, service.limits)
     metadata = {**_metadata(device, now_ms()), "notifyDevice": "false"}
-    await _commit(service, [Message(POST_ATTRIBUTES_REQUEST, device.ref, data, metadata)])
+    message = Message(POST_ATTRIBUTES_REQUEST, device.ref, data, metadata)
+    await _commit(service, [message], body)
     return Response(status_code=200)
 
 
@@ -288,7 +455,8 @@ def _plain(attributes: dict[str, AttributeValue]) -> dict[str, Any]:
 async def get_attributes(service: Service, request: Request) -> Response:
     """``GET /api/v1/{token}/attributes?clientKeys=..&sharedKeys=..``."""
     device = _device(service, request)
-    client_keys, shared_keys = _keys(request, "clientKeys"), _keys(request, "sharedKeys")
+    client_keys = _keys(request, "clientKeys")
+    shared_keys = _keys(request, "sharedKeys")
     both = client_keys is None and shared_keys is None
     answer: dict[str, Any] = {}
     for section, keys in (("client", client_keys), ("shared", shared_keys)):
@@ -306,13 +474,19 @@ async def attribute_updates(service: Service, request: Request) -> Response:
     """``GET /api/v1/{token}/attributes/updates?timeout=MS``: long poll.
 
     Answers with the changed shared attributes (``{"deleted": [...]}`` for
-    deletes), or 408 when nothing changed in time, as ThingsBoard does.
+    deletes), or 408 when nothing changed in time, as ThingsBoard does. A
+    device may have ``max_polls_per_device`` polls waiting; more get 429.
     """
     device = _device(service, request)
     timeout = _timeout_ms(request.query_params.get("timeout", "0"))
     watchers = service._watchers[device.ref]
     if len(watchers) >= service.limits.max_polls_per_device:
-        raise HttpError(429, "too many waiting polls for this device", {"Retry-After": "1"})
+        raise HttpError(
+            429,
+            f"this device already has {len(watchers)} polls waiting, the most "
+            "allowed; wait for one to answer",
+            {"Retry-After": "1"},
+        )
     waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     watchers.append(waiter)
     try:
@@ -332,25 +506,45 @@ def _timeout_ms(raw: str) -> int:
 
 # -- cloud side of the edge sync API -----------------------------------------
 
+_CREDENTIALS_MISSING = "edge credentials missing: use basic auth key:secret"
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+def _basic_credentials(request: Request) -> tuple[str, str]:
+    scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic" or not encoded:
+        raise HttpError(401, _CREDENTIALS_MISSING)
+    try:
+        key, _, secret = (
+            base64.b64decode(encoded, validate=True).decode().partition(":")
+        )
+    except (binascii.Error, UnicodeDecodeError):
+        raise HttpError(401, _CREDENTIALS_MISSING) from None
+    return key, secret
+
 
 def authenticate_edge(service: Service, request: Request) -> Edge:
-    """The edge whose key and secret came with the request, or 401."""
-    import base64
+    """The edge whose key and secret came with the request, or 401.
 
-    header = request.headers.get("authorization", "")
-    try:
-        scheme, encoded = header.split(" ", 1)
-        key, secret = base64.b64decode(encoded).decode().split(":", 1)
-    except (ValueError, UnicodeDecodeError):
-        raise HttpError(401, "edge credentials missing: use basic auth key:secret") from None
-    if scheme.lower() != "basic":
-        raise HttpError(401, "edge credentials missing: use basic auth key:secret")
+    A key and secret must belong to the same edge: another edge's key with
+    one's own secret is refused like any wrong pair.
+    """
+    key, secret = _basic_credentials(request)
+    offered_key, offered_secret = _digest(key), _digest(secret)
+    found = None
+    # Every edge is compared, on digests of one length, so the time taken does
+    # not tell which edge matched or how much of a guess was right.
     for edge in service.store.edges():
-        key_ok = hmac.compare_digest(edge.routing_key.encode(), key.encode())
-        secret_ok = hmac.compare_digest(edge.secret.encode(), secret.encode())
-        if key_ok and secret_ok:
-            return edge
-    raise HttpError(401, "wrong edge key or secret")
+        key_ok = hmac.compare_digest(_digest(edge.routing_key), offered_key)
+        secret_ok = hmac.compare_digest(_digest(edge.secret), offered_secret)
+        if key_ok & secret_ok:
+            found = edge
+    if found is None:
+        raise HttpError(401, "wrong edge key or secret")
+    return found
 
 
 async def hello(service: Service, request: Request) -> Response:
@@ -360,27 +554,57 @@ async def hello(service: Service, request: Request) -> Response:
 
 
 async def uplink(service: Service, request: Request) -> Response:
-    """``POST /api/edge/v1/uplink``: apply a batch of an edge's events once."""
+    """``POST /api/edge/v1/uplink``: apply a batch of an edge's events once.
+
+    The sending edge is the one the credentials name; an event about a device
+    of another edge is refused (``rejected`` in the answer names it), and
+    nothing from it on is stored.
+    """
     edge = authenticate_edge(service, request)
-    batch = parse_body(await read_body(request, service.limits.max_sync_body_bytes))
+    limits = service.limits
+    body = await read_body(
+        request, limits.max_sync_body_bytes, limits.client_timeout_seconds
+    )
+    events, instance, after = _uplink_batch(parse_body(body))
+    key = peer_key("edge", edge.name, instance)
+    future = service.writer.call(
+        lambda: _apply_uplink(service, events, key, after, edge)
+    )
+    result = await asyncio.wrap_future(future)
+    service.metrics.add("events_received", result.applied)
+    rejected = result.rejected
+    refusal = {"seq": rejected.seq, "error": rejected.error} if rejected else None
+    return JSONResponse(
+        {"applied_through": result.applied_through, "rejected": refusal}
+    )
+
+
+def _uplink_batch(batch: Any) -> tuple[list[Any], str, int]:
     try:
         if not isinstance(batch, dict):
             raise ValueRejected("body must be a JSON object")
         events = decode_events(batch.get("events"))
-        instance, after = str(batch["instance"]), int(batch.get("after") or 0)
-    except (ValueRejected, KeyError, TypeError, ValueError) as error:
+        after = _whole(batch, "after", 0)
+    except ValueRejected as error:
         raise HttpError(400, f"malformed batch: {error}") from None
-    key = peer_key("edge", edge.name, instance)
-    future = service.writer.call(lambda: _apply_uplink(service, events, key, after, edge))
-    result = await asyncio.wrap_future(future)
-    service.metrics.add("events_received", result.applied)
-    rejected = result.rejected
-    return JSONResponse(
-        {
-            "applied_through": result.applied_through,
-            "rejected": {"seq": rejected.seq, "error": rejected.error} if rejected else None,
-        }
-    )
+    instance = batch.get("instance")
+    if not isinstance(instance, str) or not 0 < len(instance) <= 64:
+        raise HttpError(
+            400, "malformed batch: instance must be the sending file's id, a string"
+        )
+    seqs = [event.seq for event in events]
+    if any(later <= earlier for earlier, later in zip(seqs, seqs[1:], strict=False)):
+        raise HttpError(400, "malformed batch: event seq must increase")
+    return events, instance, after
+
+
+def _whole(data: dict[str, Any], name: str, default: int) -> int:
+    value = data.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueRejected(f"{name} must be a whole number, got {value!r}")
+    return value
 
 
 def _apply_uplink(
@@ -389,7 +613,9 @@ def _apply_uplink(
     applied = service.store.applied_seq(key)
     base = max(applied, after)
     if events and events[0].seq > base + 1:
-        raise HttpError(409, f"events after seq {base} are missing", {"X-Expected": str(base)})
+        raise HttpError(
+            409, f"events after seq {base} are missing", {"X-Expected": str(base)}
+        )
     result, run = service.receiver.apply(events, key, edge.name)
     service.writer.notify(run.changes)
     service.metrics.add("readings_stored", run.changes.reading_count)
@@ -398,35 +624,77 @@ def _apply_uplink(
 
 
 async def downlink(service: Service, request: Request) -> Response:
-    """``POST /api/edge/v1/downlink``: acknowledge, then long-poll for events."""
+    """``POST /api/edge/v1/downlink``: acknowledge, then long-poll for events.
+
+    The acknowledgement and the events are those of the edge the credentials
+    name; the body has no field that could name another edge.
+    """
     edge = authenticate_edge(service, request)
-    poll = parse_body(await read_body(request, service.limits.max_body_bytes))
+    limits = service.limits
+    body = await read_body(
+        request, limits.max_body_bytes, limits.client_timeout_seconds
+    )
+    ack, wait, limit, rejected = _poll_request(parse_body(body))
+    if service._edge_polls[edge.name] >= limits.max_polls_per_device:
+        raise HttpError(
+            429, "this edge already has the most polls waiting", {"Retry-After": "1"}
+        )
+    service._edge_polls[edge.name] += 1
+    try:
+        events = await _poll(service, edge.name, ack, wait, limit, rejected)
+    finally:
+        service._edge_polls[edge.name] -= 1
+    service.metrics.add("events_sent", len(events))
+    answer = {
+        "instance": service.store.instance,
+        "events": [encode_event(e) for e in events],
+    }
+    return Response(orjson.dumps(answer), media_type="application/json")
+
+
+def _poll_request(poll: Any) -> tuple[int, float, int, tuple[int, str] | None]:
     if not isinstance(poll, dict):
         raise HttpError(400, "poll must be a JSON object")
-    ack, wait = int(poll.get("ack") or 0), min(int(poll.get("wait_ms") or 0), 60_000) / 1000
-    limit = max(1, min(int(poll.get("limit") or 1000), 10_000))
-    rejected = poll.get("rejected")
-    waiter = service.edge_waiter(edge.name)
+    try:
+        ack = _whole(poll, "ack", 0)
+        wait = min(_whole(poll, "wait_ms", 0), 60_000) / 1000
+        limit = max(1, min(_whole(poll, "limit", 1000), 10_000))
+        rejected = poll.get("rejected")
+        refusal = None
+        if rejected is not None:
+            if not isinstance(rejected, dict):
+                raise ValueRejected("rejected must be an object {seq, error}")
+            refusal = (_whole(rejected, "seq", 0), str(rejected.get("error")))
+    except ValueRejected as error:
+        raise HttpError(400, f"malformed poll: {error}") from None
+    return ack, wait, limit, refusal
+
+
+async def _poll(
+    service: Service,
+    edge: str,
+    ack: int,
+    wait: float,
+    limit: int,
+    rejected: tuple[int, str] | None,
+) -> list[Any]:
+    waiter = service.edge_waiter(edge)
     waiter.clear()
     delivered = await asyncio.wrap_future(
-        service.writer.call(lambda: _acknowledge_downlink(service, edge.name, ack, rejected))
+        service.writer.call(lambda: _acknowledge_downlink(service, edge, ack, rejected))
     )
     events = await asyncio.to_thread(
-        read_pending, service.store, EDGE_QUEUE, edge.name, delivered, limit
+        read_pending, service.store, EDGE_QUEUE, edge, delivered, limit
     )
     if not events and wait and await service.wait(waiter.wait(), wait):
         events = await asyncio.to_thread(
-            read_pending, service.store, EDGE_QUEUE, edge.name, delivered, limit
+            read_pending, service.store, EDGE_QUEUE, edge, delivered, limit
         )
-    service.metrics.add("events_sent", len(events))
-    body = {"instance": service.store.instance, "events": [encode_event(e) for e in events]}
-    import orjson
-
-    return Response(orjson.dumps(body), media_type="application/json")
+    return events
 
 
 def _acknowledge_downlink(
-    service: Service, edge: str, ack: int, rejected: Any
+    service: Service, edge: str, ack: int, rejected: tuple[int, str] | None
 ) -> int:
     delivered = delivered_seq(service.store, EDGE_QUEUE, edge)
     with service.store.transaction() as con:
@@ -434,8 +702,8 @@ def _acknowledge_downlink(
             mark_delivered(con, EDGE_QUEUE, edge, ack)
             service.metrics.add("events_acknowledged", ack - delivered)
             delivered = ack
-        if isinstance(rejected, dict) and int(rejected.get("seq", -1)) == delivered + 1:
-            seq, error = int(rejected["seq"]), str(rejected.get("error"))
+        if rejected is not None and rejected[0] == delivered + 1:
+            seq, error = rejected
             attempts = record_failure(con, EDGE_QUEUE, edge, seq, error)
             service.metrics.add("events_retried", 1)
             if attempts >= service.limits.max_attempts:
@@ -459,18 +727,28 @@ async def set_attributes(service: Service, request: Request) -> Response:
     name, raw_scope = request.path_params["device"], request.path_params["scope"]
     scope = normalize_scope(raw_scope)
     if scope is None or scope == "client":
-        raise HttpError(400, f"scope must be SERVER_SCOPE or SHARED_SCOPE, got {raw_scope!r}")
+        raise HttpError(
+            400, f"scope must be SERVER_SCOPE or SHARED_SCOPE, got {raw_scope!r}"
+        )
     device = service.store.entity(EntityRef(DEVICE, name))
     if device is None:
         raise HttpError(404, f"no device named {name!r}")
-    data = parse_body(await read_body(request, service.limits.max_body_bytes))
+    check_room(service)
+    limits = service.limits
+    body = await read_body(
+        request, limits.max_body_bytes, limits.client_timeout_seconds
+    )
+    data = parse_body(body)
     if not isinstance(data, dict) or not data:
         raise HttpError(400, "attributes must be a non-empty JSON object of key-values")
-    check_values(data)
+    check_values(data, limits)
     ts = now_ms()
     metadata = {**_metadata(device, ts), "scope": thingsboard_scope(scope)}
-    future = service.writer.call(lambda: _save_and_announce(service, device, scope, data, ts, metadata))
+    future = service.writer.call(
+        lambda: _save_and_announce(service, device, scope, data, ts, metadata)
+    )
     await asyncio.wrap_future(future)
+    _note_accepted(service, body)
     return Response(status_code=200)
 
 
@@ -487,7 +765,8 @@ def _save_and_announce(
     run = Run(store=service.store)
     for key, value in data.items():
         kind, stored = classify(value)
-        run.changes.set_attribute(device.ref, scope, key, AttributeValue(kind, stored, ts))
+        value_at = AttributeValue(kind, stored, ts)
+        run.changes.set_attribute(device.ref, scope, key, value_at)
     message = Message(ATTRIBUTES_UPDATED, device.ref, data, metadata)
     service.writer.engine.run([message], run)
     service.store.apply(run.changes)
@@ -512,7 +791,7 @@ def build_app(service: Service, extra: list[Route] | None = None) -> Starlette:
     """The Starlette app of a role."""
 
     def route(path: str, handler: Any, methods: list[str]) -> Route:
-        return Route(path, guarded(service, handler), methods=methods)
+        return Route(path, guarded(service, handler, path), methods=methods)
 
     routes = [
         route("/healthz", healthz, ["GET"]),
@@ -537,3 +816,54 @@ def build_app(service: Service, extra: list[Route] | None = None) -> Starlette:
             ),
         ]
     return Starlette(routes=[*routes, *(extra or [])])
+
+
+# -- slow clients ------------------------------------------------------------
+
+
+def timed_http_protocol(seconds: float) -> type[Any]:
+    """uvicorn's HTTP protocol, closing a connection whose request headers do
+    not arrive within ``seconds`` of connecting or of the request's first byte.
+
+    uvicorn times out idle keep-alive connections only after a response, so
+    a client that connects and sends nothing, or sends headers a byte at a
+    time, would otherwise hold its connection for ever.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class TimedHttpProtocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(  # type: ignore[override]
+            self, transport: asyncio.Transport
+        ) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(seconds, self._expire)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _expire(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return TimedHttpProtocol

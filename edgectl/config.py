@@ -2,14 +2,15 @@
 
 Later sources win: defaults, then ``--config FILE``, then ``EDGECTL_*``
 environment variables, then command-line options. Secrets may come from the
-environment or from a file (``edge_secret_file``) so they stay out of shell
-history and process listings.
+environment or from a file (``edge_secret_file``, ``admin_token_file``) so they
+stay out of shell history and process listings; they never appear in a
+RoleConfig's repr, so logging a config cannot leak them.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ from edgectl.errors import ConfigError
 from edgectl.loader import Document, read_yaml
 
 ROLES = ("edge", "cloud")
+QUEUE_FULL_POLICIES = ("reject", "drop_oldest")
 DEFAULT_LISTEN = {"edge": "127.0.0.1:8081", "cloud": "127.0.0.1:8080"}
 DEFAULT_DATA = Path("edgectl-data")
+MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -31,13 +34,22 @@ class RoleConfig:
     listen: str | None = None
     cloud: str | None = None
     edge_key: str | None = None
-    edge_secret: str | None = None
+    edge_secret: str | None = field(default=None, repr=False)
     edge_secret_file: Path | None = None
+    admin_token: str | None = field(default=None, repr=False)
+    admin_token_file: Path | None = None
     cloud_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     port_file: Path | None = None
-    max_body_bytes: int = 1024 * 1024
+    max_body_bytes: int = MIB
+    max_sync_body_bytes: int = 64 * MIB
+    max_value_bytes: int = 64 * 1024
+    max_polls_per_device: int = 4
+    client_timeout_seconds: float = 30.0
+    max_queue_bytes: int = 1024 * MIB
+    max_queue_age_seconds: float = 7 * 24 * 3600.0
+    queue_full: str = "reject"
     batch_size: int = 5000
     max_attempts: int = 3
     poll_seconds: float = 20.0
@@ -58,15 +70,29 @@ class RoleConfig:
         return host.strip("[]"), int(port)
 
     def secret(self) -> str | None:
-        """The edge secret, read from ``edge_secret_file`` when that is set."""
-        if self.edge_secret_file is None:
-            return self.edge_secret
-        try:
-            return self.edge_secret_file.read_text(encoding="utf-8").strip()
-        except OSError as error:
-            raise ConfigError(
-                f"cannot read edge secret file {self.edge_secret_file}: {error.strerror}"
-            ) from error
+        """The edge secret, read from ``edge_secret_file`` when that is set.
+
+        Raises ConfigError when the file cannot be read.
+        """
+        return _secret(self.edge_secret, self.edge_secret_file, "edge secret")
+
+    def admin_secret(self) -> str | None:
+        """The admin API token, read from ``admin_token_file`` when that is set.
+
+        Raises ConfigError when the file cannot be read.
+        """
+        return _secret(self.admin_token, self.admin_token_file, "admin token")
+
+
+def _secret(value: str | None, file: Path | None, what: str) -> str | None:
+    if file is None:
+        return value
+    try:
+        return file.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise ConfigError(
+            f"cannot read {what} file {file}: {error.strerror}"
+        ) from error
 
 
 _ENV = {
@@ -77,6 +103,11 @@ _ENV = {
     "edge_key": "EDGECTL_EDGE_KEY",
     "edge_secret": "EDGECTL_EDGE_SECRET",
     "edge_secret_file": "EDGECTL_EDGE_SECRET_FILE",
+    "admin_token": "EDGECTL_ADMIN_TOKEN",
+    "admin_token_file": "EDGECTL_ADMIN_TOKEN_FILE",
+    "cloud_ca": "EDGECTL_CLOUD_CA",
+    "tls_cert": "EDGECTL_TLS_CERT",
+    "tls_key": "EDGECTL_TLS_KEY",
 }
 
 
@@ -91,12 +122,50 @@ def load_config(role: str, file: Path | None, options: dict[str, Any]) -> RoleCo
     config = _merge(config, environment, "the environment")
     given = {k: v for k, v in options.items() if v is not None}
     config = _merge(config, given, "the options")
-    if config.role == "edge" and config.cloud and not (config.edge_key and config.secret()):
+    _check(config)
+    return config
+
+
+def _check(config: RoleConfig) -> None:
+    # Read secret files now, so a missing one stops the start with its name.
+    has_credentials = config.edge_key and config.secret()
+    config.secret()
+    if config.role == "edge" and config.cloud and not has_credentials:
         raise ConfigError(
             "an edge with --cloud needs --edge-key and --edge-secret "
             "(or EDGECTL_EDGE_KEY and EDGECTL_EDGE_SECRET)"
         )
-    return config
+    if config.queue_full not in QUEUE_FULL_POLICIES:
+        raise ConfigError(
+            f"queue_full must be reject or drop_oldest, got {config.queue_full!r}"
+        )
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("give --tls-cert and --tls-key together, or neither")
+    for name in ("tls_cert", "tls_key", "cloud_ca"):
+        path = getattr(config, name)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{name} file {path} does not exist or is not a file")
+    config.admin_secret()
+    _check_numbers(config)
+
+
+def _check_numbers(config: RoleConfig) -> None:
+    positive = (
+        "max_body_bytes",
+        "max_sync_body_bytes",
+        "max_polls_per_device",
+        "client_timeout_seconds",
+        "batch_size",
+        "max_attempts",
+    )
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be above 0, got {getattr(config, name)}")
+    for name in ("max_value_bytes", "max_queue_bytes", "max_queue_age_seconds"):
+        if getattr(config, name) < 0:
+            raise ConfigError(
+                f"{name} must be 0 (no limit) or above, got {getattr(config, name)}"
+            )
 
 
 def _read_file(file: Path) -> dict[str, Any]:
@@ -130,5 +199,7 @@ def _convert(key: str, kind: str, value: Any, source: str) -> Any:
         if kind == "float":
             return float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"setting {key!r} in {source} must be a number, got {value!r}") from None
+        raise ConfigError(
+            f"setting {key!r} in {source} must be a number, got {value!r}"
+        ) from None
     return str(value)

@@ -178,8 +178,20 @@ def delivered_seq(store: Store, queue: str, edge: str | None) -> int:
 def mark_delivered(
     con: duckdb.DuckDBPyConnection, queue: str, edge: str | None, through: int
 ) -> None:
-    """Advance the cursor to ``through`` and delete what it passed, in bulk."""
+    """Advance the cursor to ``through`` and delete what it passed, in bulk.
+
+    The cursor never moves back: an acknowledgement that arrives after the
+    queue dropped events beyond it (age or byte limit) leaves it where it is,
+    or the sender would wait for the dropped events forever.
+    """
     where, params = _edge_filter(queue, edge)
+    current = con.execute(
+        "SELECT max(delivered_seq) FROM queue_cursor WHERE queue = ? "
+        "AND edge IS NOT DISTINCT FROM ?",
+        [queue, edge],
+    ).fetchone()
+    if current and current[0] is not None:
+        through = max(through, int(current[0]))
     con.execute(f"DELETE FROM {queue} WHERE seq <= ?{where}", [through, *params])
     con.execute(
         "DELETE FROM queue_cursor WHERE queue = ? AND edge IS NOT DISTINCT FROM ?",
@@ -260,3 +272,90 @@ def _stats(con: duckdb.DuckDBPyConnection, queue: str, edge: str | None) -> Queu
         delivered,
         int(last) if last is not None else delivered,
     )
+
+
+# Each waiting event counts its JSON body plus this much for its other columns,
+# so a flood of tiny events still reaches the byte limit.
+EVENT_OVERHEAD_BYTES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class DroppedRange:
+    """Events dropped unsent from one queue (one edge's part of it on a cloud)."""
+
+    queue: str
+    edge: str | None
+    count: int
+    first_seq: int
+    last_seq: int
+    first_created_ts: int
+    last_created_ts: int
+
+
+def queue_size(store: Store, queue: str) -> tuple[int, int | None]:
+    """The bytes a queue counts against its limit (see EVENT_OVERHEAD_BYTES),
+    and the creation time of its oldest event (None when it is empty).
+
+    Delivered events are deleted, so every row of the queue table is waiting.
+    """
+    return store.read("measuring the queue of", lambda con: measure(con, queue))
+
+
+def measure(con: duckdb.DuckDBPyConnection, queue: str) -> tuple[int, int | None]:
+    """``queue_size`` on a given cursor, inside a caller's transaction."""
+    row = con.execute(
+        f"SELECT coalesce(sum(strlen(body)), 0) + count(*) * ?, min(created_ts) "
+        f"FROM {queue}",
+        [EVENT_OVERHEAD_BYTES],
+    ).fetchone()
+    if row is None:
+        return 0, None
+    return int(row[0]), None if row[1] is None else int(row[1])
+
+
+def head_of_bytes(con: duckdb.DuckDBPyConnection, queue: str, size: int) -> int | None:
+    """The sequence through which the oldest events add up to ``size`` bytes.
+
+    None when the whole queue holds less.
+    """
+    row = con.execute(
+        "SELECT seq FROM (SELECT seq, sum(strlen(body) + ?) OVER (ORDER BY seq) "
+        f"AS running FROM {queue}) WHERE running >= ? ORDER BY seq LIMIT 1",
+        [EVENT_OVERHEAD_BYTES, size],
+    ).fetchone()
+    return int(row[0]) if row else None
+
+
+def head_older_than(
+    con: duckdb.DuckDBPyConnection, queue: str, cutoff: int
+) -> int | None:
+    """The last sequence of the leading run of events created before ``cutoff``.
+
+    Only a leading run is dropped: after a clock step back a younger event may
+    sit before an older one, and it ends the run rather than being dropped.
+    """
+    row = con.execute(
+        f"SELECT max(seq) FROM {queue} WHERE created_ts < ? AND seq < "
+        f"coalesce((SELECT min(seq) FROM {queue} WHERE created_ts >= ?), "
+        "9223372036854775807)",
+        [cutoff, cutoff],
+    ).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
+
+def drop_through(
+    con: duckdb.DuckDBPyConnection, queue: str, through: int
+) -> list[DroppedRange]:
+    """Drop every waiting event up to ``through`` unsent, moving each cursor past.
+
+    Returns what was dropped, per edge on a cloud, for counting and logging.
+    """
+    edge_column = "edge" if queue == EDGE_QUEUE else "NULL"
+    rows = con.execute(
+        f"SELECT {edge_column}, count(*), min(seq), max(seq), min(created_ts), "
+        f"max(created_ts) FROM {queue} WHERE seq <= ? GROUP BY 1 ORDER BY 3",
+        [through],
+    ).fetchall()
+    for row in rows:
+        mark_delivered(con, queue, row[0], int(row[3]))
+    return [DroppedRange(queue, *row) for row in rows]

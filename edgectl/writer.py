@@ -148,14 +148,25 @@ class Writer:
         try:
             changes, failures = self.run_chain(messages)
             self.store.apply(changes)
-        except BaseException as error:
-            logger.error("storing a batch of %d messages failed: %s", len(messages), error)
-            for job in batch:
-                job.future.set_exception(error)
+        except Exception as error:
+            self._fail(batch, error)
             return
         for job in batch:
             job.future.set_result(failures)
         self._after_commit(changes, len(messages), failures, started)
+
+    def _fail(self, batch: list[_Ingest], error: Exception) -> None:
+        # One request must not fail the requests that happened to share its
+        # commit: when a shared batch fails, each request is stored alone, so
+        # only the one that cannot be stored (or all, if the file is broken)
+        # gets the error. The batch was rolled back, so nothing is doubled.
+        if len(batch) > 1:
+            for job in batch:
+                self._commit([job])
+            return
+        count = len(batch[0].messages)
+        logger.debug("storing a request of %d messages failed: %s", count, error)
+        batch[0].future.set_exception(error)
 
     def run_chain(self, messages: list[Message]) -> tuple[ChangeSet, int]:
         """Run messages through the root chain; return changes and failure count."""
