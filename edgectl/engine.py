@@ -161,6 +161,7 @@ class Engine:
                 key = (spec.id, label.lower())
                 self._targets[key] = self._targets.get(key, ()) + targets
         self._order = _visit_order(chain)
+        self._routes: dict[str, dict[tuple[str, ...], tuple[tuple[str, ...], bool]]] = {}
 
     def run(self, messages: Iterable[Message], run: Run) -> Result:
         """Run incoming messages through the chain, then any they enqueue.
@@ -204,23 +205,37 @@ class Engine:
         pending: dict[str, list[Message]],
         result: Result,
     ) -> None:
+        # Nodes emit a handful of distinct label tuples, so the targets of each
+        # are worked out once per node and reused for every message.
+        known = self._routes.setdefault(node_id, {})
         for message, labels in outcomes:
-            # A relation matches once however often a node names its label.
-            matched = dict.fromkeys(label.lower() for label in labels)
-            targets = [
-                target
-                for label in matched
-                for target in self._targets.get((node_id, label), ())
-            ]
+            route = known.get(labels)
+            if route is None:
+                route = known[labels] = self._targets_of(node_id, labels)
+            targets, is_failure = route
             if not targets:
-                if any(label.lower() == "failure" for label in labels):
+                if is_failure:
                     error = message.metadata.get(META_ERROR, "failed")
                     failure = NodeFailure(self.chain.name, node_id, error, message)
                     result.failures.append(failure)
                 continue
+            last = len(targets) - 1
             for index, target in enumerate(targets):
-                copy = message if index == len(targets) - 1 else message.copy()
-                self._deliver(target, [copy], pending, result)
+                copy = message if index == last else message.copy()
+                self._deliver_one(target, copy, pending, result)
+
+    def _targets_of(
+        self, node_id: str, labels: tuple[str, ...]
+    ) -> tuple[tuple[str, ...], bool]:
+        """The targets of a label tuple, and whether it holds Failure."""
+        # A relation matches once however often a node names its label.
+        matched = dict.fromkeys(label.lower() for label in labels)
+        targets = tuple(
+            target
+            for label in matched
+            for target in self._targets.get((node_id, label), ())
+        )
+        return targets, "failure" in matched
 
     def _deliver(
         self,
@@ -229,18 +244,27 @@ class Engine:
         pending: dict[str, list[Message]],
         result: Result,
     ) -> None:
-        queue = pending.setdefault(node_id, [])
         for message in messages:
-            budget = message.budget
-            if budget is None:
-                budget = message.budget = Budget(self.execution_limit)
-            if budget.remaining <= 0:
-                self._stop_runaway(node_id, message, result)
-                continue
-            budget.remaining -= 1
-            queue.append(message)
-        if not queue:
-            del pending[node_id]
+            self._deliver_one(node_id, message, pending, result)
+
+    def _deliver_one(
+        self,
+        node_id: str,
+        message: Message,
+        pending: dict[str, list[Message]],
+        result: Result,
+    ) -> None:
+        budget = message.budget
+        if budget is None:
+            budget = message.budget = Budget(self.execution_limit)
+        if budget.remaining <= 0:
+            self._stop_runaway(node_id, message, result)
+            return
+        budget.remaining -= 1
+        queue = pending.get(node_id)
+        if queue is None:
+            queue = pending[node_id] = []
+        queue.append(message)
 
     def _stop_runaway(self, node_id: str, message: Message, result: Result) -> None:
         budget = message.budget
