@@ -32,7 +32,7 @@ from edgectl.message import (
 )
 from edgectl.storage import SCHEMA_VERSION, Store
 from edgectl.tables import RowFilter, rows
-from edgectl.values import LONG, STRING, parse_json
+from edgectl.values import DOUBLE, LONG, STRING, parse_json
 
 EDGE_ROOT = RULECHAINS / "edge_root.yaml"
 HISTORY_ONLY = RULECHAINS / "edge_history_only.yaml"
@@ -371,6 +371,41 @@ def test_same_key_and_ts_of_other_devices_and_other_instants_are_separate_rows(
         ("sensor-1", 1001, 3),
         ("sensor-1", 1000, 4.5),
         ("sensor-2", 1000, 2),
+    ]
+
+
+def test_large_batch_keeps_one_row_per_instant_the_last_to_arrive(store):
+    # Past some thousands of readings the store checks for repeated instants
+    # before folding them; both outcomes must store the same rows.
+    count = 12_000
+    changes = ChangeSet()
+    for ts in range(count):
+        changes.add_reading(DEVICE, "v", ts, (LONG, ts), None, True)
+    changes.add_reading(DEVICE, "v", 5, (DOUBLE, 5.5), None, True)
+    changes.add_reading(DEVICE, "v", 7, (STRING, "seven"), None, False)
+    unique = ChangeSet()
+    for ts in range(count):
+        unique.add_reading(OTHER_DEVICE, "v", ts, (DOUBLE, ts / 2), None, ts % 2 == 0)
+
+    store.apply(changes)
+    store.apply(unique)
+
+    stored = dict(
+        store.connection.execute(
+            "SELECT entity_id, count(*) FROM ts_kv GROUP BY entity_id"
+        ).fetchall()
+    )
+    assert stored == {1: count, 2: count}
+    assert [
+        (r["ts"], r["value"])
+        for r in rows(
+            store, "ts_kv", RowFilter(device="sensor-1", key="v", since=5, until=7)
+        )
+    ] == [(7, "seven"), (6, 6), (5, 5.5)]
+    found = rows(store, "ts_kv_latest", RowFilter(key="v"))
+    assert [(r["device"], r["ts"], r["value"]) for r in found] == [
+        ("sensor-1", count - 1, count - 1),
+        ("sensor-2", count - 2, (count - 2) / 2),
     ]
 
 
