@@ -45,6 +45,7 @@ from edgectl.message import (
 from edgectl.metrics import Metrics
 from edgectl.outbox import (
     EDGE_QUEUE,
+    EVENT_OVERHEAD_BYTES,
     dead_letter,
     delivered_seq,
     mark_delivered,
@@ -363,9 +364,11 @@ def check_room(service: Service) -> None:
     )
 
 
-def _note_accepted(service: Service, body: bytes) -> None:
+def _note_accepted(service: Service, body: bytes, messages: int = 1) -> None:
+    # Until the next scan, a request counts as its body plus one event's
+    # overhead per message, close to the events it queues.
     if service.quota is not None:
-        service.quota.note_accepted(len(body))
+        service.quota.note_accepted(len(body) + messages * EVENT_OVERHEAD_BYTES)
 
 
 # -- device API --------------------------------------------------------------
@@ -397,7 +400,7 @@ async def _commit(service: Service, messages: list[Message], body: bytes) -> Non
     future = service.writer.submit(messages)
     await asyncio.wrap_future(future)
     service.metrics.add("messages_accepted", len(messages))
-    _note_accepted(service, body)
+    _note_accepted(service, body, len(messages))
 
 
 async def post_telemetry(service: Service, request: Request) -> Response:

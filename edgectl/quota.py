@@ -2,13 +2,15 @@
 
 The byte total is one scan of the queue table, taken at most every second and
 less often when the scan is slow (it never uses more than a tenth of the time),
-plus the body size of every request accepted since the last scan, so a burst
-between two scans still counts. When the total reaches ``max_bytes`` a role
-either refuses new work (``reject``, the default: the API answers 503 and
-stores nothing) or drops the oldest events until the queue is back under 90%
-of the limit (``drop_oldest``). Events queued longer than ``max_age_seconds``
-are dropped. Every drop moves the delivery cursor past the dropped events, is
-counted in ``edgectl_events_dropped_total`` and logged with its range.
+plus an estimate for every request accepted since the last scan (its body and
+the overhead of the events it queues), so a burst between two scans counts.
+
+When the total reaches ``max_bytes`` a role either refuses new work
+(``reject``, the default: the API answers 503 and stores nothing) or drops the
+oldest events until the queue is back under 90% of the limit
+(``drop_oldest``). Events queued longer than ``max_age_seconds`` are dropped.
+Every drop moves the delivery cursor past the dropped events, is counted in
+``edgectl_events_dropped_total`` and logged with its range.
 """
 
 from __future__ import annotations
