@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from edgectl.changes import ChangeSet
 from edgectl.engine import Engine, Run, log_failures
-from edgectl.message import Message
+from edgectl.message import META_ERROR, Message
 from edgectl.storage import Store
 
 logger = logging.getLogger(__name__)
@@ -162,6 +162,7 @@ class Writer:
         # gets the error. The batch was rolled back, so nothing is doubled.
         if len(batch) > 1:
             for job in batch:
+                _reset(job.messages)
                 self._commit([job])
             return
         count = len(batch[0].messages)
@@ -208,3 +209,11 @@ class Writer:
             self.store.checkpoint()
         except Exception as error:
             logger.warning("checkpoint of %s failed: %s", self.store.path, error)
+
+
+def _reset(messages: list[Message]) -> None:
+    # The failed run spent each message's node budget and may have marked it
+    # with an error; a second run must start from the message as it arrived.
+    for message in messages:
+        message.budget = None
+        message.metadata.pop(META_ERROR, None)

@@ -703,3 +703,55 @@ def test_the_cloud_attribute_api_refuses_null_and_oversized_values(cloud):
     )
     assert rows(cloud, "attribute_kv", "good-0") == before
     assert rows(cloud, "edge_event", "good-0") == []
+
+
+# -- one request cannot fail the others sharing its commit ----------------------
+
+
+def test_a_request_that_cannot_be_stored_does_not_fail_those_sharing_its_commit(
+    tmp_path,
+):
+    from edgectl.checks import load_chain
+    from edgectl.engine import Engine
+    from edgectl.errors import StorageError
+    from edgectl.message import POST_TELEMETRY_REQUEST, EntityRef, Message
+    from edgectl.roles import example_chain
+    from edgectl.storage import Store
+    from edgectl.writer import Writer
+
+    # DuckDB failing for one request's rows only cannot be produced for real,
+    # so this store refuses any batch holding the key "poison".
+    class PickyStore(Store):
+        def apply(self, changes, *, cursor=None):
+            if "poison" in changes.keys:
+                raise StorageError("writing failed: the poison key")
+            super().apply(changes, cursor=cursor)
+
+    store = PickyStore(tmp_path / "edge.duckdb")
+    writer = Writer(store, Engine(load_chain(example_chain("edge"))))
+
+    def request(key: str) -> list[Message]:
+        metadata = {"deviceName": "d", "deviceType": "default", "ts": "1000"}
+        device = EntityRef("DEVICE", "d")
+        return [Message(POST_TELEMETRY_REQUEST, device, {key: 1}, metadata)]
+
+    # Queued before the thread starts, so the three share one group commit.
+    futures = [writer.submit(request(key)) for key in ("before", "poison", "after")]
+    writer.start()
+    try:
+        outcomes = [future.exception(timeout=10) for future in futures]
+    finally:
+        writer.stop()
+    keys = (
+        store.cursor()
+        .execute("SELECT k.key FROM ts_kv t JOIN key_dictionary k ON k.key_id = t.key")
+        .fetchall()
+    )
+    store.close()
+
+    assert [type(outcome).__name__ for outcome in outcomes] == [
+        "NoneType",
+        "StorageError",
+        "NoneType",
+    ]
+    assert sorted(key for (key,) in keys) == ["after", "before"]
