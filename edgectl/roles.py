@@ -21,11 +21,12 @@ import uvicorn
 from starlette.applications import Starlette
 
 from edgectl.api import Limits, Service, build_app, timed_http_protocol
+from edgectl.changes import ChangeSet
 from edgectl.checks import load_chain
 from edgectl.config import RoleConfig
 from edgectl.engine import BuildContext, Engine
-from edgectl.metrics import Metrics
 from edgectl.message import SOURCE_CLOUD, SOURCE_EDGE, now_ms
+from edgectl.metrics import Metrics
 from edgectl.outbox import CLOUD_QUEUE, EDGE_QUEUE, queue_stats
 from edgectl.quota import QueueLimits, Quota
 from edgectl.storage import Store
@@ -167,9 +168,12 @@ def _start_sync(
         batch_size=config.batch_size, max_attempts=config.max_attempts,
     )
     loop = asyncio.get_running_loop()
-    service.writer.hooks.append(
-        lambda changes: loop.call_soon_threadsafe(uplink.wake.set) if changes.events else None
-    )
+
+    def wake_uplink(changes: ChangeSet) -> None:
+        if changes.events:
+            loop.call_soon_threadsafe(uplink.wake.set)
+
+    service.writer.hooks.append(wake_uplink)
     downlink = Downlink(
         service.store, service.writer, client, service.receiver, service.metrics,
         wait=config.poll_seconds,
