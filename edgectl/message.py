@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,9 +101,31 @@ def thingsboard_scope(scope: str) -> str:
     return f"{scope.upper()}_SCOPE"
 
 
+# Fault tests only: when EDGECTL_FAULT_CLOCK names a file, it is read on every
+# call and may hold "frozen MS" (the clock stands still at MS) or "offset MS"
+# (MS added to the wall clock, negative to step it back). It lets the fault
+# harness freeze or step back the clock of a running edge; nothing else sets it.
+_FAULT_CLOCK = os.environ.get("EDGECTL_FAULT_CLOCK")
+
+
 def now_ms() -> int:
     """The wall clock in epoch milliseconds."""
-    return time.time_ns() // 1_000_000
+    real = time.time_ns() // 1_000_000
+    if _FAULT_CLOCK is None:
+        return real
+    return _fault_clock(_FAULT_CLOCK, real)
+
+
+def _fault_clock(path: str, real: int) -> int:
+    try:
+        with open(path, encoding="utf-8") as file:
+            kind, value = file.read().split()
+        number = int(value)
+    except (OSError, ValueError):
+        return real
+    if kind == "frozen":
+        return number
+    return real + number if kind == "offset" else real
 
 
 @dataclass(frozen=True, slots=True)
