@@ -144,16 +144,22 @@ class Service:
         for edge in edges:
             self._edge_waiters.setdefault(edge, asyncio.Event()).set()
 
-    async def wait(self, awaitable: Awaitable[Any], seconds: float) -> bool:
-        """Wait for ``awaitable`` up to ``seconds``; False on timeout or shutdown.
+    async def wait(
+        self, awaitable: Awaitable[Any], seconds: float, request: Request | None = None
+    ) -> bool:
+        """Wait for ``awaitable`` up to ``seconds``; False on timeout, shutdown,
+        or when the client of ``request`` went away.
 
         Long polls end early when the server begins to stop, so a graceful
-        stop does not wait for them to time out.
+        stop does not wait for them to time out, and when their client leaves,
+        so its place among the waiting polls is free at once.
         """
         first = asyncio.ensure_future(awaitable)
         tasks = {first}
         if self.closing is not None:
             tasks.add(asyncio.ensure_future(self.closing.wait()))
+        if request is not None:
+            tasks.add(asyncio.ensure_future(_disconnected(request)))
         done, pending = await asyncio.wait(
             tasks, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
         )
@@ -164,6 +170,12 @@ class Service:
     def edge_waiter(self, edge: str) -> asyncio.Event:
         """The event set when new events for ``edge`` are committed."""
         return self._edge_waiters.setdefault(edge, asyncio.Event())
+
+
+async def _disconnected(request: Request) -> None:
+    # Once the body is read, the server's next message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _shared_updates(changes: ChangeSet) -> dict[EntityRef, dict[str, Any]]:
@@ -493,7 +505,7 @@ async def attribute_updates(service: Service, request: Request) -> Response:
     waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     watchers.append(waiter)
     try:
-        if not await service.wait(waiter, timeout / 1000):
+        if not await service.wait(waiter, timeout / 1000, request):
             return Response(status_code=408)
     finally:
         if waiter in watchers:
@@ -644,7 +656,7 @@ async def downlink(service: Service, request: Request) -> Response:
         )
     service._edge_polls[edge.name] += 1
     try:
-        events = await _poll(service, edge.name, ack, wait, limit, rejected)
+        events = await _poll(service, request, edge.name, ack, wait, limit, rejected)
     finally:
         service._edge_polls[edge.name] -= 1
     service.metrics.add("events_sent", len(events))
@@ -675,6 +687,7 @@ def _poll_request(poll: Any) -> tuple[int, float, int, tuple[int, str] | None]:
 
 async def _poll(
     service: Service,
+    request: Request,
     edge: str,
     ack: int,
     wait: float,
@@ -689,7 +702,7 @@ async def _poll(
     events = await asyncio.to_thread(
         read_pending, service.store, EDGE_QUEUE, edge, delivered, limit
     )
-    if not events and wait and await service.wait(waiter.wait(), wait):
+    if not events and wait and await service.wait(waiter.wait(), wait, request):
         events = await asyncio.to_thread(
             read_pending, service.store, EDGE_QUEUE, edge, delivered, limit
         )

@@ -544,7 +544,7 @@ def strict_edge(tmp_path_factory):
     process = start_role(
         tmp_path_factory.mktemp("strict"), "edge", config="client_timeout_seconds: 1\n"
     )
-    for name in ("slow", "busy", "calm"):
+    for name in ("slow", "busy", "calm", "leaver"):
         remote.call(
             process.url,
             "POST",
@@ -639,6 +639,22 @@ def test_one_device_cannot_hold_more_than_four_waiting_polls(strict_edge):
     assert other.status_code == 408
     assert [answer.status_code for answer in first_four] == [408] * 4
     assert after.status_code == 408
+
+
+def test_a_poll_whose_client_leaves_frees_its_place_at_once(strict_edge):
+    url = "/api/v1/T-leaver/attributes/updates"
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=strict_edge.url) as http:
+            leaving = [http.get(f"{url}?timeout=20000", timeout=0.3) for _ in range(4)]
+            gone = await asyncio.gather(*leaving, return_exceptions=True)
+            await asyncio.sleep(0.2)
+            return gone, await http.get(f"{url}?timeout=100", timeout=5)
+
+    gone, next_poll = asyncio.run(scenario())
+
+    assert all(isinstance(each, httpx.ReadTimeout) for each in gone)
+    assert next_poll.status_code == 408
 
 
 def test_one_edge_cannot_hold_more_than_four_waiting_downlink_polls(cloud):
