@@ -535,6 +535,16 @@ class _BatchWriter:
                 self.new_keys[key] = found
         return found
 
+    def known_entity_id(self, ref: EntityRef) -> int | None:
+        """The id of a stored entity or one new in this batch, else None."""
+        found = self.store.entities.get(ref)
+        return found.id if found is not None else self.entity_ids.get(ref)
+
+    def known_key_id(self, key: str) -> int | None:
+        """The id of a stored key or one new in this batch, else None."""
+        found = self.store.key_ids.get(key)
+        return found if found is not None else self.new_keys.get(key)
+
     def entity_id(self, ref: EntityRef) -> int:
         found = self.store.entities.get(ref)
         if found is not None:
@@ -618,7 +628,16 @@ class _BatchWriter:
         return ids
 
     def _write_attributes(self, con: duckdb.DuckDBPyConnection) -> None:
-        rows = list(self.changes.attributes.items())
+        # Deleting what cannot be stored (an unknown device or key) is a no-op;
+        # giving it ids would register a device or key nobody sent.
+        rows = [
+            ((entity, scope, key), value)
+            for (entity, scope, key), value in self.changes.attributes.items()
+            if value is not DELETED
+            or (self.known_entity_id(entity) and self.known_key_id(key))
+        ]
+        if not rows:
+            return
         kinds, values, stamps, deleted = [], [], [], []
         for _, value in rows:
             is_deleted = value is DELETED
@@ -658,14 +677,14 @@ class _BatchWriter:
     def _delete_readings(
         self, con: duckdb.DuckDBPyConnection, delete: TimeseriesDelete
     ) -> None:
-        entity = self.store.entities.get(delete.entity)
-        key_ids = [
-            self.store.key_ids[k] for k in delete.keys if k in self.store.key_ids
-        ]
-        if entity is None or not key_ids:
+        # The batch's readings are written first, so a device or key that is
+        # new in this batch has readings to delete too.
+        entity_id = self.known_entity_id(delete.entity)
+        key_ids = [found for key in delete.keys if (found := self.known_key_id(key))]
+        if not entity_id or not key_ids:
             return
         marks = ", ".join("?" for _ in key_ids)
-        params = [entity.id, *key_ids, delete.start, delete.end]
+        params = [entity_id, *key_ids, delete.start, delete.end]
         where = f"entity_id = ? AND key IN ({marks}) AND ts BETWEEN ? AND ?"
         con.execute(f"DELETE FROM ts_kv WHERE {where}", params)
         con.execute(f"DELETE FROM ts_kv_latest WHERE {where}", params)
@@ -676,7 +695,7 @@ class _BatchWriter:
             "AND NOT EXISTS (SELECT 1 FROM ts_kv_latest l WHERE l.entity_id = "
             "ts_kv.entity_id AND l.key = ts_kv.key) QUALIFY row_number() OVER "
             "(PARTITION BY entity_id, key ORDER BY ts DESC) = 1",
-            [entity.id, *key_ids],
+            [entity_id, *key_ids],
         )
 
 

@@ -80,6 +80,8 @@ def _parse_exact(data: bytes) -> Any:
         )
     except JsonSyntaxError:
         raise
+    except RecursionError:
+        raise _too_deep() from None
     except ValueError as error:
         # Python refuses to convert integers of more than 4300 digits (a guard
         # against quadratic time); its message would tell a user to call
@@ -95,22 +97,29 @@ def _parse_exact(data: bytes) -> Any:
     return value
 
 
+def _too_deep() -> JsonSyntaxError:
+    return JsonSyntaxError("arrays and objects are nested too deeply")
+
+
 def _check_encodable(value: Any) -> None:
-    if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            raise JsonSyntaxError(
-                f"string {value!r} holds a lone UTF-16 surrogate, which is not "
-                "a Unicode character"
-            ) from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_encodable(key)
-            _check_encodable(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_encodable(item)
+    # A loop, not recursion: the document may be nested almost as deeply as
+    # the parser allows.
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                raise JsonSyntaxError(
+                    f"string {item!r} holds a lone UTF-16 surrogate, which is not "
+                    "a Unicode character"
+                ) from None
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
 
 
 def _syntax_error(data: bytes, error: orjson.JSONDecodeError) -> JsonSyntaxError:
@@ -120,6 +129,8 @@ def _syntax_error(data: bytes, error: orjson.JSONDecodeError) -> JsonSyntaxError
         json.loads(data, parse_constant=_reject_constant)
     except JsonSyntaxError as named:
         return named
+    except RecursionError:
+        return _too_deep()
     except ValueError:
         pass
     return JsonSyntaxError(str(error))

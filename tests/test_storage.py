@@ -561,6 +561,17 @@ def test_deleting_an_attribute_removes_it_from_that_scope_only(store, write_chai
     assert store.read_attribute(DEVICE, "shared", "mode") is None
 
 
+def test_deleting_attributes_of_an_unknown_device_registers_nothing(store, write_chain):
+    chain = write_chain(DELETE_ATTRIBUTES_CHAIN)
+    delete = Message("DELETE_REQUEST", OTHER_DEVICE, {}, {"extraKey": "level"})
+
+    run = store_through(store, chain, [delete])
+
+    assert run.failures == []
+    assert store.entity(OTHER_DEVICE) is None
+    assert store.key_ids == {}
+
+
 def test_attribute_deleted_and_written_by_hand_keeps_one_row_per_scope(store):
     changes = ChangeSet()
     changes.set_attribute(DEVICE, "server", "a", AttributeValue(LONG, 1, 10))
@@ -625,6 +636,21 @@ def test_deleting_every_reading_of_a_key_removes_its_latest_value(tmp_path):
         assert readings(store) == []
         assert rows(store, "ts_kv_latest", RowFilter(key="v")) == []
         assert latest(store, "w") == (1000, 1)
+
+
+def test_delete_removes_readings_of_a_device_and_key_new_in_the_same_batch(store):
+    store_through(
+        store,
+        EDGE_ROOT,
+        [
+            telemetry({"v": 1, "w": 2}, ts=1000, device=OTHER_DEVICE),
+            delete_timeseries(["v"], 0, 10**12, device=OTHER_DEVICE),
+        ],
+    )
+
+    assert readings(store, "v", "sensor-2") == []
+    assert rows(store, "ts_kv_latest", RowFilter(key="v")) == []
+    assert readings(store, "w", "sensor-2") == [(1000, 2)]
 
 
 @pytest.mark.xfail(

@@ -144,6 +144,14 @@ def test_integer_with_thousands_of_digits_is_refused_plainly():
     )
 
 
+@pytest.mark.parametrize("text", ["[" * 10_000 + "]" * 10_000, "[" * 10_000 + "1" * 20])
+def test_nesting_too_deep_for_the_exact_parser_is_refused_plainly(text):
+    with pytest.raises(JsonSyntaxError) as refused:
+        parse_json(text)
+
+    assert str(refused.value) == "arrays and objects are nested too deeply"
+
+
 @pytest.mark.parametrize("text", ["{", '{"a": 1,}', "[1] x", "", "\xff"])
 def test_text_that_is_not_json_is_a_syntax_error(text):
     for candidate in (text, "[" + text + EXACT_PATH_SUFFIX):
