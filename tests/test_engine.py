@@ -500,12 +500,6 @@ def test_reading_that_arrives_after_a_delete_in_the_same_batch_is_kept(
     assert stored.readings() == [("thermometer-1", "t", 7, 2, None)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage.py looks up the keys and device of a timeseries delete "
-    "among those committed before the batch, so readings of a device or key "
-    "new in the same batch are not deleted",
-)
 def test_delete_removes_readings_stored_earlier_in_the_same_batch(run_chain, stored):
     deletion = message("TIMESERIES_DELETED", {"keys": ["t"]}, 6)
 

@@ -554,11 +554,6 @@ def test_delete_attributes_with_only_blank_keys_passes_on_without_notifying(
     assert stored.events() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage.py registers the device of every attribute change, deletes "
-    "included, so deleting attributes of an unknown device creates it",
-)
 def test_delete_attributes_of_an_unknown_device_registers_nothing(run_chain, store):
     chain = probe("delete_attributes", {"keys": ["a"]})
 
