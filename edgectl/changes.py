@@ -49,6 +49,11 @@ class TimeseriesDelete:
     keys: tuple[str, ...]
     start: int
     end: int
+    order: int = 0
+
+    def covers(self, entity: EntityRef, key: str, ts: int) -> bool:
+        """True when a reading of ``entity``/``key`` at ``ts`` is in the range."""
+        return entity == self.entity and key in self.keys and self.start <= ts <= self.end
 
 
 @dataclass(slots=True)
@@ -62,6 +67,7 @@ class ChangeSet:
     values: list[Any] = field(default_factory=list)
     expires: list[int | None] = field(default_factory=list)
     latest: list[bool] = field(default_factory=list)
+    orders: list[int] = field(default_factory=list)
     attributes: dict[tuple[EntityRef, str, str], Any] = field(default_factory=dict)
     timeseries_deletes: list[TimeseriesDelete] = field(default_factory=list)
     events: list[PendingEvent] = field(default_factory=list)
@@ -74,8 +80,14 @@ class ChangeSet:
         typed: tuple[int, Any],
         expires: int | None,
         latest: bool,
+        order: int = 0,
     ) -> None:
-        """Queue one reading for ts_kv (and ts_kv_latest when ``latest``)."""
+        """Queue one reading for ts_kv (and ts_kv_latest when ``latest``).
+
+        ``order`` is the position of the incoming message it came from; a
+        timeseries delete in the same batch removes only earlier readings.
+        """
+        self.orders.append(order)
         self.entities.append(entity)
         self.keys.append(key)
         self.ts.append(ts)
@@ -83,6 +95,32 @@ class ChangeSet:
         self.values.append(typed[1])
         self.expires.append(expires)
         self.latest.append(latest)
+
+    def delete_timeseries(self, delete: TimeseriesDelete) -> None:
+        """Queue a timeseries delete for the stored readings and the batch's own
+        readings that came from earlier messages."""
+        self.timeseries_deletes.append(delete)
+
+    def drop_deleted_readings(self) -> None:
+        """Remove pending readings that a later delete of this batch covers."""
+        columns = (
+            self.entities, self.keys, self.ts, self.kinds, self.values,
+            self.expires, self.latest, self.orders,
+        )
+        keep = [
+            index
+            for index, (entity, key, ts, order) in enumerate(
+                zip(self.entities, self.keys, self.ts, self.orders, strict=True)
+            )
+            if not any(
+                d.order > order and d.covers(entity, key, ts)
+                for d in self.timeseries_deletes
+            )
+        ]
+        if len(keep) == len(self.ts):
+            return
+        for column in columns:
+            column[:] = [column[index] for index in keep]
 
     def set_attribute(
         self, entity: EntityRef, scope: str, key: str, value: AttributeValue

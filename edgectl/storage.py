@@ -565,12 +565,16 @@ class _BatchWriter:
         from edgectl.outbox import append_events
 
         changes = self.changes
+        # Deletes go first: they remove stored readings and the batch's own
+        # readings from earlier messages, and leave those that came after.
+        for delete in changes.timeseries_deletes:
+            self._delete_readings(con, delete)
+        if changes.timeseries_deletes:
+            changes.drop_deleted_readings()
         if changes.ts:
             self._write_readings(con)
         if changes.attributes:
             self._write_attributes(con)
-        for delete in changes.timeseries_deletes:
-            self._delete_readings(con, delete)
         if changes.events:
             self.next_seq = append_events(
                 con, self.store, changes.events, self.entity_id
@@ -677,8 +681,8 @@ class _BatchWriter:
     def _delete_readings(
         self, con: duckdb.DuckDBPyConnection, delete: TimeseriesDelete
     ) -> None:
-        # The batch's readings are written first, so a device or key that is
-        # new in this batch has readings to delete too.
+        # A device or key that is new in this batch has nothing stored yet;
+        # its pending readings are dropped by ChangeSet.drop_deleted_readings.
         entity_id = self.known_entity_id(delete.entity)
         key_ids = [found for key in delete.keys if (found := self.known_key_id(key))]
         if not entity_id or not key_ids:

@@ -481,11 +481,6 @@ TELEMETRY_AND_DELETES = Chain(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage.py writes every reading of a batch before its timeseries "
-    "deletes, so a reading that arrived after the delete is deleted too",
-)
 def test_reading_that_arrives_after_a_delete_in_the_same_batch_is_kept(
     run_chain, stored
 ):

@@ -653,12 +653,6 @@ def test_delete_removes_readings_of_a_device_and_key_new_in_the_same_batch(store
     assert readings(store, "w", "sensor-2") == [(1000, 2)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a batch applies its readings before its timeseries deletes, whatever "
-    "order the messages arrived in, so a reading that arrives after a delete in "
-    "the same batch is deleted too (ChangeSet keeps no order between them)",
-)
 def test_reading_that_arrives_after_a_delete_in_the_same_batch_is_kept(store):
     store_through(store, EDGE_ROOT, [telemetry({"v": 1}, ts=1000)])
 

@@ -46,6 +46,8 @@ class DeleteTimeseries(BaseNode):
                 yield fail(message, str(error))
                 continue
             if keys:
-                delete = TimeseriesDelete(message.originator, keys, start, end)
-                run.changes.timeseries_deletes.append(delete)
+                delete = TimeseriesDelete(
+                    message.originator, keys, start, end, message.order
+                )
+                run.changes.delete_timeseries(delete)
             yield message, (SUCCESS,)
