@@ -287,14 +287,6 @@ def parse_body(body: bytes) -> Any:
         return parse_json(body)
     except JsonSyntaxError as error:
         raise HttpError(400, f"malformed JSON: {error}") from None
-    except RecursionError:
-        # The exact-integer parser recurses once per level and gives up near
-        # Python's recursion limit; orjson stops at 1024 levels.
-        raise HttpError(
-            400,
-            "malformed JSON: nested too deeply to parse; "
-            f"values may nest at most {MAX_VALUE_DEPTH} levels",
-        ) from None
 
 
 def check_values(values: dict[str, Any], limits: Limits, where: str = "") -> None:
