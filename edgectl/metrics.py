@@ -23,6 +23,7 @@ _HELP = {
         "or full (drop_oldest made room)."
     ),
     "events_received": "Events received from the peer and applied.",
+    "group_commits": "Batches of device messages stored in one commit.",
     "push_failures": "Pushes that failed and were retried later.",
 }
 _GAUGE_HELP = {

@@ -20,7 +20,6 @@ DuckDB's zone maps skip the row groups a batch cannot touch.
 
 from __future__ import annotations
 
-import array
 import hashlib
 import logging
 import threading
@@ -222,6 +221,7 @@ class Store:
             self.instance = str(instance[0][0])
         self.key_names = {key_id: key for key, key_id in self.key_ids.items()}
         self.entity_names = {entity.id: entity for entity in self.entities.values()}
+        self._load_newest()
         self.tokens = {
             _digest(entity.token): entity
             for entity in self.entities.values()
@@ -230,6 +230,26 @@ class Store:
         from edgectl.outbox import last_sequence
 
         self.next_seq = last_sequence(self) + 1
+
+    def _load_newest(self) -> None:
+        # Per (entity id, key id): the newest ts in ts_kv (an upper bound: TTL
+        # and range deletes may lower the truth) and the ts in ts_kv_latest.
+        # Batches of readings newer than everything stored, the usual case,
+        # then append without looking for rows to replace.
+        con = self.connection
+        with storage_errors("reading", self.path):
+            self.newest_reading: dict[tuple[int, int], int] = {
+                (entity, key): ts
+                for entity, key, ts in con.execute(
+                    "SELECT entity_id, key, max(ts) FROM ts_kv GROUP BY ALL"
+                ).fetchall()
+            }
+            self.latest_ts: dict[tuple[int, int], int] = {
+                (entity, key): ts
+                for entity, key, ts in con.execute(
+                    "SELECT entity_id, key, ts FROM ts_kv_latest"
+                ).fetchall()
+            }
 
     def _read_entities(self) -> list[Entity]:
         rows = self.connection.execute(
@@ -525,6 +545,10 @@ class _BatchWriter:
         self.new_entities: list[Entity] = []
         self.entity_ids: dict[EntityRef, int] = {}
         self.next_seq = store.next_seq
+        # What this batch makes the newest reading ts and the latest ts of each
+        # (entity id, key id); None in ``latest`` means the row is gone.
+        self.newest: dict[tuple[int, int], int] = {}
+        self.latest: dict[tuple[int, int], int | None] = {}
 
     def key_id(self, key: str) -> int:
         found = self.store.key_ids.get(key)
@@ -594,30 +618,141 @@ class _BatchWriter:
             store.key_ids[key] = key_id
             store.key_names[key_id] = key
         store.next_seq = self.next_seq
+        store.newest_reading.update(self.newest)
+        for pair, ts in self.latest.items():
+            if ts is None:
+                store.latest_ts.pop(pair, None)
+            else:
+                store.latest_ts[pair] = ts
 
     def _write_readings(self, con: duckdb.DuckDBPyConnection) -> None:
         changes = self.changes
-        key_ids = [self.key_id(key) for key in changes.keys]
-        count = len(changes.ts)
+        pairs = list(
+            zip(
+                self._entity_ids(changes.entities),
+                map(self.key_id, changes.keys),
+                strict=True,
+            )
+        )
         batch = pa.table(
             {
-                "entity_id": pa.array(self._entity_ids(changes.entities), pa.int32()),
-                "key": pa.array(key_ids, pa.int32()),
+                "entity_id": pa.array([pair[0] for pair in pairs], pa.int32()),
+                "key": pa.array([pair[1] for pair in pairs], pa.int32()),
                 "ts": pa.array(changes.ts, pa.int64()),
                 **value_columns(changes.kinds, changes.values),
                 "expires": pa.array(changes.expires, pa.int64()),
-                "latest": pa.array(changes.latest, pa.bool_()),
-                "ord": _positions(count),
             }
         )
-        low, high = min(changes.ts), max(changes.ts)
+        if not self._only_newer(pairs):
+            batch = self._replace_stored(con, pairs, batch)
         con.register("reading_batch", batch)
         try:
-            _upsert_readings(con, low, high, count)
-            if any(changes.latest):
-                _upsert_latest(con)
+            con.execute("INSERT INTO ts_kv SELECT * FROM reading_batch")
         finally:
             con.unregister("reading_batch")
+        if any(changes.latest):
+            self._write_latest(con, pairs)
+
+    def _replace_stored(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        pairs: list[tuple[int, int]],
+        batch: pa.Table,
+    ) -> pa.Table:
+        """Keep one reading per (entity, key, ts), the last to arrive, and delete
+        the stored rows those replace; returns the readings left to insert."""
+        ts = self.changes.ts
+        last = {(pair, ts[index]): index for index, pair in enumerate(pairs)}
+        keep = sorted(last.values())
+        stored = self.store.newest_reading
+        # Only readings no newer than what was stored before can meet a row.
+        suspects = [i for i in keep if ts[i] <= stored.get(pairs[i], -1)]
+        if suspects:
+            instants = batch.take(suspects).select(["entity_id", "key", "ts"])
+            low, high = min(ts[i] for i in suspects), max(ts[i] for i in suspects)
+            con.register("replaced", instants)
+            try:
+                con.execute(
+                    "DELETE FROM ts_kv USING replaced r WHERE ts_kv.ts BETWEEN ? AND ? "
+                    "AND ts_kv.entity_id = r.entity_id AND ts_kv.key = r.key "
+                    "AND ts_kv.ts = r.ts",
+                    [low, high],
+                )
+            finally:
+                con.unregister("replaced")
+        return batch if len(keep) == len(ts) else batch.take(keep)
+
+    def _only_newer(self, pairs: list[tuple[int, int]]) -> bool:
+        """True when every reading is newer than all stored and earlier ones of
+        its key, so nothing can be replaced; remembers the new newest ts."""
+        newest = self.newest
+        stored = self.store.newest_reading
+        only_newer = True
+        for pair, ts in zip(pairs, self.changes.ts, strict=True):
+            high = newest.get(pair)
+            if high is None:
+                high = stored.get(pair, -1)
+            if ts <= high:
+                only_newer = False
+                continue
+            newest[pair] = ts
+        return only_newer
+
+    def _write_latest(
+        self, con: duckdb.DuckDBPyConnection, pairs: list[tuple[int, int]]
+    ) -> None:
+        # An older reading never replaces a newer latest value; an equal ts does,
+        # and within the batch the last to arrive wins among equals.
+        changes = self.changes
+        ts, chosen = changes.ts, {}
+        for index, pair in enumerate(pairs):
+            if changes.latest[index]:
+                best = chosen.get(pair)
+                if best is None or ts[index] >= ts[best]:
+                    chosen[pair] = index
+        updates, inserts = [], []
+        for pair, index in chosen.items():
+            current = self._latest_of(pair)
+            if current is None:
+                inserts.append(index)
+            elif ts[index] >= current:
+                updates.append(index)
+            else:
+                continue
+            self.latest[pair] = ts[index]
+        if updates:
+            self._latest_rows(con, pairs, updates, _UPDATE_LATEST)
+        if inserts:
+            self._latest_rows(con, pairs, inserts, _INSERT_LATEST)
+
+    def _latest_of(self, pair: tuple[int, int]) -> int | None:
+        if pair in self.latest:
+            return self.latest[pair]
+        return self.store.latest_ts.get(pair)
+
+    def _latest_rows(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        pairs: list[tuple[int, int]],
+        rows: list[int],
+        statement: str,
+    ) -> None:
+        changes = self.changes
+        table = pa.table(
+            {
+                "entity_id": pa.array([pairs[i][0] for i in rows], pa.int32()),
+                "key": pa.array([pairs[i][1] for i in rows], pa.int32()),
+                "ts": pa.array([changes.ts[i] for i in rows], pa.int64()),
+                **value_columns(
+                    [changes.kinds[i] for i in rows], [changes.values[i] for i in rows]
+                ),
+            }
+        )
+        con.register("latest_batch", table)
+        try:
+            con.execute(statement)
+        finally:
+            con.unregister("latest_batch")
 
     def _entity_ids(self, refs: list[EntityRef]) -> list[int]:
         # The readings of one message share its EntityRef object, and hashing a
@@ -701,71 +836,21 @@ class _BatchWriter:
             "(PARTITION BY entity_id, key ORDER BY ts DESC) = 1",
             [entity_id, *key_ids],
         )
+        remaining = dict(
+            ((entity, key), ts)
+            for entity, key, ts in con.execute(
+                "SELECT entity_id, key, ts FROM ts_kv_latest "
+                f"WHERE entity_id = ? AND key IN ({marks})",
+                [entity_id, *key_ids],
+            ).fetchall()
+        )
+        for key_id in key_ids:
+            self.latest[(entity_id, key_id)] = remaining.get((entity_id, key_id))
 
 
-def _positions(count: int) -> pa.Array:
-    # 0..count-1 through a C array: pyarrow converts a Python range item by item.
-    numbers = array.array("q", range(count))
-    return pa.Array.from_buffers(pa.int64(), count, [None, pa.py_buffer(numbers)])
-
-
-# Below this many readings the window that folds repeated instants costs less
-# than the statement that checks whether any instant repeats.
-_FOLD_CHECK_READINGS = 10_000
-_READING_COLUMNS = "entity_id, key, ts, bool_v, long_v, dbl_v, str_v, json_v, expires"
-
-
-def _upsert_readings(
-    con: duckdb.DuckDBPyConnection, low: int, high: int, count: int
-) -> None:
-    # One row per (entity, key, ts): the batch replaces stored rows at the same
-    # instant whatever their kind, and within the batch the last write wins.
-    con.execute(
-        "DELETE FROM ts_kv USING reading_batch b WHERE ts_kv.ts BETWEEN ? AND ? "
-        "AND ts_kv.entity_id = b.entity_id AND ts_kv.key = b.key AND ts_kv.ts = b.ts",
-        [low, high],
-    )
-    # Folding a large batch through a window with one partition per reading
-    # costs about twice the insert itself, and most batches repeat no instant.
-    if count >= _FOLD_CHECK_READINGS and not _repeats_an_instant(con):
-        con.execute(f"INSERT INTO ts_kv SELECT {_READING_COLUMNS} FROM reading_batch")
-        return
-    con.execute(
-        f"INSERT INTO ts_kv SELECT {_READING_COLUMNS} FROM reading_batch "
-        "QUALIFY row_number() OVER (PARTITION BY entity_id, key, ts ORDER BY ord DESC)"
-        " = 1"
-    )
-
-
-def _repeats_an_instant(con: duckdb.DuckDBPyConnection) -> bool:
-    row = con.execute(
-        "SELECT count(*) > count(DISTINCT (entity_id, key, ts)) FROM reading_batch"
-    ).fetchall()
-    return bool(row[0][0])
-
-
-# Per (entity, key), the batch's reading with the newest ts, the last to arrive
-# among equals. A grouped arg_max is more than ten times faster than a window
-# over a large batch, and as a subquery it needs no round trip through Arrow.
-_LATEST_FOLD = (
-    "(SELECT entity_id, key, newest.ts AS ts, newest.bool_v AS bool_v, "
-    "newest.long_v AS long_v, newest.dbl_v AS dbl_v, newest.str_v AS str_v, "
-    "newest.json_v AS json_v FROM (SELECT entity_id, key, arg_max({'ts': ts, "
-    "'bool_v': bool_v, 'long_v': long_v, 'dbl_v': dbl_v, 'str_v': str_v, "
-    "'json_v': json_v}, {'ts': ts, 'ord': ord}) AS newest FROM reading_batch "
-    "WHERE latest GROUP BY entity_id, key))"
+_UPDATE_LATEST = (
+    "UPDATE ts_kv_latest SET ts = b.ts, bool_v = b.bool_v, long_v = b.long_v, "
+    "dbl_v = b.dbl_v, str_v = b.str_v, json_v = b.json_v FROM latest_batch b "
+    "WHERE ts_kv_latest.entity_id = b.entity_id AND ts_kv_latest.key = b.key"
 )
-
-
-def _upsert_latest(con: duckdb.DuckDBPyConnection) -> None:
-    # An older reading never replaces a newer latest value; an equal ts does.
-    con.execute(
-        f"DELETE FROM ts_kv_latest USING {_LATEST_FOLD} b "
-        "WHERE ts_kv_latest.entity_id = b.entity_id AND ts_kv_latest.key = b.key "
-        "AND ts_kv_latest.ts <= b.ts"
-    )
-    con.execute(
-        f"INSERT INTO ts_kv_latest SELECT * FROM {_LATEST_FOLD} b WHERE NOT EXISTS "
-        "(SELECT 1 FROM ts_kv_latest l WHERE l.entity_id = b.entity_id "
-        "AND l.key = b.key)"
-    )
+_INSERT_LATEST = "INSERT INTO ts_kv_latest SELECT * FROM latest_batch"
