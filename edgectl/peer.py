@@ -4,7 +4,9 @@ Edges usually sit behind NAT, so the edge opens every connection. The uplink
 sends ``cloud_event`` in sequence order and advances its cursor only past what
 the cloud acknowledged; the downlink long-polls the cloud for this edge's
 events, applies them through the root chain and acknowledges them with the
-next poll. Both retry forever with capped, jittered backoff.
+next poll. Both retry forever with capped, jittered backoff, and neither ends
+on an error: a loop that stopped would leave the queue growing with nothing
+sending it and no sign of why.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from edgectl.outbox import (
 )
 from edgectl.storage import Store
 from edgectl.sync import ApplyResult, Receiver, decode_events, encode_event, peer_key
-from edgectl.transport import Backoff, CloudClient, Gap, RetryLater, sleep_or_wake
+from edgectl.transport import (
+    Backoff,
+    CloudClient,
+    Gap,
+    RetryLater,
+    TooLarge,
+    sleep_or_wake,
+)
 from edgectl.writer import Writer
 
 logger = logging.getLogger(__name__)
@@ -62,32 +71,85 @@ class Uplink:
         self.max_attempts = max_attempts
         self.wake = asyncio.Event()
         self.delivered = delivered_seq(store, CLOUD_QUEUE, None)
+        self.limit = batch_size
+        self._ceiling: tuple[int, float] | None = None
         self._down_since: float | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Send until ``stop`` is set; the batch in hand is finished first."""
         backoff = Backoff()
         while not stop.is_set():
-            events = await asyncio.to_thread(self._next_batch)
-            if not events:
-                self.wake.clear()
-                await sleep_or_wake(1.0, self.wake)
-                continue
             try:
-                await self._send(events)
+                sent = await self._send_next()
             except TransportError as error:
                 await self._wait_out(error, backoff, stop)
                 continue
-            backoff.reset()
-            self._reached()
+            except Exception:
+                # Our own file failing (a StorageError) or a bug: log it with
+                # its traceback and try again later, never end the loop.
+                logger.exception("the uplink failed; retrying")
+                await sleep_or_wake(backoff.next_delay(), stop)
+                continue
+            if sent:
+                backoff.reset()
+                self._reached()
+
+    async def _send_next(self) -> bool:
+        events = await asyncio.to_thread(self._next_batch)
+        if not events:
+            self.wake.clear()
+            await sleep_or_wake(1.0, self.wake)
+            return False
+        try:
+            await self._send(events)
+        except TooLarge as error:
+            await self._shrink(events, error)
+            return False
+        self._grow()
+        return True
 
     def _next_batch(self) -> list[Event]:
         # The cursor is read from the file each time, so a replay that moved
         # it through the admin API takes effect at once.
         self.delivered = delivered_seq(self.store, CLOUD_QUEUE, None)
-        return read_pending(
-            self.store, CLOUD_QUEUE, None, self.delivered, self.batch_size
+        return read_pending(self.store, CLOUD_QUEUE, None, self.delivered, self.limit)
+
+    async def _shrink(self, events: list[Event], error: TooLarge) -> None:
+        # A body limit in front of the cloud (nginx allows 1 MiB by default)
+        # refuses a large batch every time it is sent: without halving, the
+        # queue would stop there for good.
+        if len(events) > 1:
+            self.limit = max(1, len(events) // 2)
+            self._ceiling = (self.limit, time.monotonic())
+            logger.warning(
+                "the cloud refused %d events as too large; sending %d at a time",
+                len(events),
+                self.limit,
+            )
+            return
+        # One event alone is too large: it can never pass as it is, so it
+        # counts attempts and goes to the dead letters like a rejected one.
+        reason = f"the event alone is larger than the cloud accepts: {error}"
+        self.delivered = await on_writer(
+            self.writer, lambda: self._reject_alone(events[0].seq, reason)
         )
+
+    def _reject_alone(self, seq: int, error: str) -> int:
+        with self.store.transaction() as con:
+            return self._reject(con, seq, error)
+
+    def _grow(self) -> None:
+        # Double back towards the configured size, but for ten minutes no
+        # further than half the size last refused: a lasting body limit then
+        # costs a few refusals, not one per batch.
+        ceiling = self.batch_size
+        if self._ceiling is not None:
+            size, when = self._ceiling
+            if time.monotonic() - when < 600:
+                ceiling = min(ceiling, size)
+            else:
+                self._ceiling = None
+        self.limit = max(1, min(ceiling, self.limit * 2))
 
     async def _send(self, events: list[Event]) -> None:
         batch = {
@@ -108,7 +170,9 @@ class Uplink:
         )
         logger.info(
             "pushed %d events to %s (through seq %d) in %.0f ms",
-            len(events), self.client.url, self.delivered,
+            len(events),
+            self.client.url,
+            self.delivered,
             (time.perf_counter() - started) * 1000,
         )
 
@@ -117,7 +181,8 @@ class Uplink:
         # cloud then asks for what it expects, and we resume from our cursor.
         logger.warning(
             "the cloud expects events after seq %d; resending from %d",
-            gap.expected, self.delivered,
+            gap.expected,
+            self.delivered,
         )
         self.delivered = delivered_seq(self.store, CLOUD_QUEUE, None)
         raise TransportError(str(gap))
@@ -132,21 +197,28 @@ class Uplink:
                 self.metrics.add("events_acknowledged", through - delivered)
                 delivered = through
             if isinstance(rejected, dict) and int(rejected["seq"]) == delivered + 1:
-                delivered = self._reject(con, int(rejected["seq"]), str(rejected["error"]))
+                delivered = self._reject(
+                    con, int(rejected["seq"]), str(rejected["error"])
+                )
         return delivered
 
     def _reject(self, con: Any, seq: int, error: str) -> int:
         attempts = record_failure(con, CLOUD_QUEUE, None, seq, error)
         self.metrics.add("events_retried", 1)
         if attempts < self.max_attempts:
-            logger.warning("the cloud rejected event %d (attempt %d): %s", seq, attempts, error)
+            logger.warning(
+                "the cloud rejected event %d (attempt %d): %s", seq, attempts, error
+            )
             return seq - 1
         dead_letter(con, CLOUD_QUEUE, None, seq)
         mark_delivered(con, CLOUD_QUEUE, None, seq)
         self.metrics.add("events_dead_lettered", 1)
         logger.error(
             "event %d dead-lettered after %d attempts: %s; "
-            "see `edgectl replay list --dead`", seq, attempts, error,
+            "see `edgectl replay list --dead`",
+            seq,
+            attempts,
+            error,
         )
         return seq
 
@@ -155,28 +227,30 @@ class Uplink:
     ) -> None:
         if self._down_since is None:
             self._down_since = time.monotonic()
-            hint = " (check the edge key and secret)" if isinstance(
-                error, PeerRejectedError
-            ) else ""
+            hint = (
+                " (check the edge key and secret)"
+                if isinstance(error, PeerRejectedError)
+                else ""
+            )
             logger.warning("cloud unavailable, events stay queued: %s%s", error, hint)
         self.metrics.add("push_failures", 1)
         delay = backoff.next_delay()
-        if isinstance(error, RetryLater):
-            await sleep_or_wake(error.retry_after or delay, stop_event(stop))
+        if isinstance(error, RetryLater) and error.retry_after:
+            # Retry-After is honoured, up to the backoff's cap, so a cloud
+            # asking for an hour does not keep a backlog waiting that long.
+            await sleep_or_wake(min(error.retry_after, backoff.cap), stop)
             return
+        # A 503 without Retry-After is waited out like an unreachable cloud:
+        # the wait ends early once the cloud's health check answers again.
         await wait_until_up(self.client, delay, stop)
 
     def _reached(self) -> None:
         if self._down_since is not None:
             logger.info(
-                "cloud reachable again after %.1f s", time.monotonic() - self._down_since
+                "cloud reachable again after %.1f s",
+                time.monotonic() - self._down_since,
             )
             self._down_since = None
-
-
-def stop_event(stop: asyncio.Event) -> asyncio.Event:
-    """The event that ends a wait early: the stop signal."""
-    return stop
 
 
 async def wait_until_up(client: CloudClient, delay: float, stop: asyncio.Event) -> None:
@@ -223,10 +297,20 @@ class Downlink:
                 if key is None:
                     hello = await self.client.hello()
                     key = peer_key("cloud", "cloud", str(hello["instance"]))
-                    logger.info("connected to cloud %s as edge %r", self.client.url, hello.get("edge"))
+                    logger.info(
+                        "connected to cloud %s as edge %r",
+                        self.client.url,
+                        hello.get("edge"),
+                    )
                 rejected = await self._poll(key, rejected, stop)
             except TransportError as error:
                 logger.debug("downlink poll failed: %s", error)
+                await wait_until_up(self.client, backoff.next_delay(), stop)
+                continue
+            except Exception:
+                # As for the uplink: a bad batch or our own file failing must
+                # not end the loop; it is logged and tried again.
+                logger.exception("the downlink failed; retrying")
                 await wait_until_up(self.client, backoff.next_delay(), stop)
                 continue
             backoff.reset()
@@ -243,7 +327,9 @@ class Downlink:
         }
         poll = asyncio.ensure_future(self.client.poll(request, self.wait))
         stopping = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({poll, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {poll, stopping}, return_when=asyncio.FIRST_COMPLETED
+        )
         stopping.cancel()
         if poll not in done:
             poll.cancel()
@@ -252,11 +338,17 @@ class Downlink:
         events = decode_events(answer.get("events", []))
         if not events:
             return None
-        result: ApplyResult = await on_writer(self.writer, lambda: self._apply(events, key))
+        result: ApplyResult = await on_writer(
+            self.writer, lambda: self._apply(events, key)
+        )
         self.metrics.add("events_received", result.applied)
         if result.rejected is None:
             return None
-        logger.warning("rejected event %d from the cloud: %s", result.rejected.seq, result.rejected.error)
+        logger.warning(
+            "rejected event %d from the cloud: %s",
+            result.rejected.seq,
+            result.rejected.error,
+        )
         return {"seq": result.rejected.seq, "error": result.rejected.error}
 
     def _apply(self, events: list[Any], key: str) -> ApplyResult:

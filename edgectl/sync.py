@@ -166,10 +166,10 @@ class Receiver:
         self.engine.run(messages, run)
         if run.failures:
             first = min(seqs[failure.message.order] for failure in run.failures)
-            error = next(
+            reason = next(
                 f.error for f in run.failures if seqs[f.message.order] == first
             )
-            return run, Rejection(first, f"the chain refused it: {error}")
+            return run, Rejection(first, f"the chain refused it: {reason}")
         return run, None
 
     def _rerun_before(

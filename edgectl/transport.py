@@ -2,12 +2,16 @@
 
 httpx errors are wrapped here: a network problem, a timeout, a 5xx or a 429
 is a TransportError worth retrying; a refusal (401, 403, 400) is a
-PeerRejectedError; a 409 says the cloud expects events from an earlier point.
+PeerRejectedError; a 409 says the cloud expects events from an earlier point;
+a 413 says the batch was too large. An answer that is not the shape an edgectl
+cloud gives (a captive portal's page, another server's JSON) is a
+TransportError too, so the loops retry instead of failing on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import logging
 import random
@@ -34,6 +38,10 @@ class RetryLater(TransportError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class TooLarge(PeerRejectedError):
+    """The cloud, or a proxy in front of it, refused the body as too large."""
 
 
 class Gap(TransportError):
@@ -89,15 +97,33 @@ class CloudClient:
 
     async def hello(self) -> dict[str, Any]:
         """Check credentials; returns the cloud's instance id and our edge name."""
-        return await self._request("GET", HELLO_PATH)
+        answer = await self._request("GET", HELLO_PATH)
+        _expect(answer, "instance", str, f"{self.url}{HELLO_PATH}")
+        return answer
 
     async def push(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Send a batch of events; returns how far the cloud applied it."""
-        return await self._request("POST", UPLINK_PATH, batch)
+        """Send a batch of events; returns how far the cloud applied it.
+
+        The answer has an integer ``applied_through`` and ``rejected``, None or
+        ``{"seq": int, "error": str}``; any other shape raises TransportError.
+        """
+        answer = await self._request("POST", UPLINK_PATH, batch)
+        where = f"{self.url}{UPLINK_PATH}"
+        _expect(answer, "applied_through", int, where)
+        rejected = answer.get("rejected")
+        if rejected is not None:
+            _expect(rejected, "seq", int, where)
+        return answer
 
     async def poll(self, request: dict[str, Any], wait: float) -> dict[str, Any]:
-        """Acknowledge applied events and wait up to ``wait`` s for new ones."""
-        return await self._request("POST", DOWNLINK_PATH, request, extra=wait)
+        """Acknowledge applied events and wait up to ``wait`` s for new ones.
+
+        The answer has a list of ``events``; any other shape raises
+        TransportError.
+        """
+        answer = await self._request("POST", DOWNLINK_PATH, request, extra=wait)
+        _expect(answer, "events", list, f"{self.url}{DOWNLINK_PATH}")
+        return answer
 
     async def is_up(self) -> bool:
         """True when the cloud answers its health check."""
@@ -117,7 +143,9 @@ class CloudClient:
         headers, content = _encode(body)
         timeout = self._client.timeout
         if extra:
-            timeout = httpx.Timeout(timeout.read + extra if timeout.read else None, connect=5.0)
+            timeout = httpx.Timeout(
+                timeout.read + extra if timeout.read else None, connect=5.0
+            )
         try:
             response = await self._client.request(
                 method, path, content=content, headers=headers, timeout=timeout
@@ -143,19 +171,47 @@ def _encode(body: dict[str, Any] | None) -> tuple[dict[str, str], bytes | None]:
 def _decode(response: httpx.Response, where: str) -> dict[str, Any]:
     status = response.status_code
     if status == 200:
-        data = parse_json(response.content)
-        if not isinstance(data, dict):
-            raise TransportError(f"{where} answered with a non-object body")
-        return data
+        return _json_object(response, where)
     message = _error_text(response)
     if status == 409:
-        expected = int(_field(response, "expected") or 0)
+        # The cloud names the sequence it expects in the X-Expected header.
+        header = response.headers.get("x-expected", "")
+        expected = int(header) if header.isdigit() else 0
         raise Gap(f"{where}: {message}", expected)
+    if status == 413:
+        raise TooLarge(f"{where} answered 413: {message}")
     if status == 429 or status >= 500:
         retry_after = response.headers.get("retry-after")
         delay = float(retry_after) if retry_after and retry_after.isdigit() else None
         raise RetryLater(f"{where} answered {status}: {message}", delay)
     raise PeerRejectedError(f"{where} answered {status}: {message}")
+
+
+def _json_object(response: httpx.Response, where: str) -> dict[str, Any]:
+    # A 200 that is not JSON comes from something between us and the cloud (a
+    # captive portal, a misrouted load balancer): worth retrying, never a crash
+    # of the loop that sent it.
+    kind = response.headers.get("content-type", "no content type")
+    try:
+        data = parse_json(response.content)
+    except ValueError as error:
+        raise TransportError(
+            f"{where} answered 200 with {kind} that is not JSON ({error}); "
+            "is something between the edge and the cloud answering for it?"
+        ) from error
+    if not isinstance(data, dict):
+        raise TransportError(f"{where} answered with a non-object body")
+    return data
+
+
+def _expect(answer: Any, name: str, kind: type, where: str) -> None:
+    value = answer.get(name) if isinstance(answer, dict) else None
+    # bool is an int to Python, but never a sequence number.
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TransportError(
+            f"{where} answered without {kind.__name__} {name!r}: "
+            "is the URL an edgectl cloud?"
+        )
 
 
 def _field(response: httpx.Response, name: str) -> Any:
@@ -167,12 +223,12 @@ def _field(response: httpx.Response, name: str) -> Any:
 
 
 def _error_text(response: httpx.Response) -> str:
-    return str(_field(response, "error") or response.text[:200] or response.reason_phrase)
+    return str(
+        _field(response, "error") or response.text[:200] or response.reason_phrase
+    )
 
 
 async def sleep_or_wake(delay: float, wake: asyncio.Event) -> None:
     """Sleep ``delay`` seconds, or less if ``wake`` is set meanwhile."""
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(wake.wait(), timeout=delay)
-    except TimeoutError:
-        pass

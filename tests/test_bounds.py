@@ -273,12 +273,6 @@ def test_queue_size_counts_bodies_and_the_head_to_drop_by_bytes_and_age(store):
     assert through_age == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the edge's uplink builds batches by event count only, so events whose "
-    "sum passes the cloud's max_sync_body_bytes get 413 on every retry and the "
-    "sync stops for good",
-)
 def test_a_backlog_of_large_events_still_reaches_the_cloud(tmp_path):
     cloud = start_role(tmp_path, "cloud", "max_sync_body_bytes: 100000\n")
     edge = None

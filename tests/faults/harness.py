@@ -145,6 +145,16 @@ class Result:
     def ok(self) -> bool:
         return not self.problems
 
+    def explain(self, lines: int = 40) -> str:
+        """The problems and the end of each process's log, for a failure."""
+        text = "\n".join(f"- {problem}" for problem in self.problems)
+        for role in ("edge", "cloud"):
+            log = self.folder / f"{role}.log" if self.folder else None
+            if log is not None and log.exists():
+                tail = log.read_text(errors="replace").splitlines()[-lines:]
+                text += f"\n--- last {lines} lines of {log}:\n" + "\n".join(tail)
+        return text
+
     def total(self, name: str) -> int:
         return sum(getattr(device, name) for device in self.devices)
 
@@ -246,6 +256,12 @@ def collect(run: Run, result: Result) -> None:
         for name in ("missing", "duplicated", "out_of_order", "phantom"):
             if getattr(device, name):
                 result.problems.append(f"{device.name}: {name} {getattr(device, name)}")
+    for record in run.load.records:
+        for answer, count in record.statuses.items():
+            if answer.split(" ")[0].isdigit() and answer not in ("200", "503"):
+                result.problems.append(
+                    f"{record.name}: {count} x the edge answered {answer}"
+                )
     dead = call(edge_url, "POST", "/api/edgectl/replay/list", {"state": "dead"})
     result.dead_letters = len(dead)
     check_poison(result, run.load.records[0], dead)
@@ -314,7 +330,8 @@ def _exercise(run: Run, scenario: Scenario, result: Result) -> None:
     ).start()
     scenario.inject(run)
     run.load.join(run.scale.duration + 60)
-    run.proxy.set_mode("pass")
+    if not scenario.lasting:
+        run.proxy.set_mode("pass")
     run.proxy.delay = 0.0
     for role in (run.cloud, run.edge):
         if not role.running:
@@ -327,7 +344,15 @@ def _exercise(run: Run, scenario: Scenario, result: Result) -> None:
         )
     collect(run, result)
     result.notes = run.notes
-    for what in ("answers cut", "cloud closed", "503", "429", "blackhole"):
+    for what in (
+        "answers cut",
+        "cloud closed",
+        "503",
+        "429",
+        "413",
+        "blackhole",
+        "garbage",
+    ):
         if run.proxy.counts[what]:
             result.notes[f"{what}: {run.proxy.counts[what]} requests"] += 1
     result.measures.update(run.measures)
@@ -356,7 +381,7 @@ def check_file_size(result: Result) -> None:
 COLUMNS = (
     ("scenario", 17), ("seed", 4), ("accepted", 8), ("unknown", 7), ("present", 7),
     ("missing", 7), ("dup", 3), ("order", 5), ("poison", 6), ("dead", 4),
-    ("queue", 5), ("drain s", 7), ("faults injected", 0),
+    ("queue", 5), ("resume s", 8), ("drain s", 7), ("faults injected", 0),
 )  # fmt: skip
 
 
@@ -377,12 +402,17 @@ def row(result: Result) -> str:
         result.scenario, result.seed, result.total("accepted"), result.total("unknown"),
         result.total("present"), result.total("missing"), result.total("duplicated"),
         result.total("out_of_order"), result.poison.split(",")[0], result.dead_letters,
-        result.pending, f"{result.drain_seconds:.1f}", faults,
+        result.pending, _seconds(result.measures.get("resume s")),
+        f"{result.drain_seconds:.1f}", faults,
     )  # fmt: skip
     return "  ".join(
         str(value).ljust(width)
         for value, (_, width) in zip(values, COLUMNS, strict=True)
     ).rstrip()
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def file_note(measures: dict[str, Any]) -> str:

@@ -161,6 +161,8 @@ async def _post(client: httpx.AsyncClient, url: str, body: dict) -> str:
     except httpx.HTTPError as error:
         return type(error).__name__
     if response.status_code not in (200, 503):
-        # The harness sends only valid readings: anything else is a bug to see.
-        raise AssertionError(f"{url} answered {response.status_code}: {response.text}")
+        # The harness sends only valid readings, so any other answer is a bug
+        # of the edge; it is kept for the harness to report, and the readings
+        # of that request count as unknown.
+        return f"{response.status_code} {response.text[:200]}"
     return str(response.status_code)

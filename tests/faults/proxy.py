@@ -13,7 +13,12 @@ including those sent on a connection the edge kept alive from before:
   edge's own timeout tells; held connections stay held after the mode changes,
   as a flow a middlebox dropped;
 - ``cut``: forward the request, read the cloud's whole answer (the cloud has
-  committed by then), then close the edge's connection without sending it.
+  committed by then), then close the edge's connection without sending it;
+- ``413``: answer 413 to a request whose body is over ``max_body`` bytes and
+  forward the others, as a reverse proxy with a body limit (nginx's default
+  ``client_max_body_size`` is 1 MiB);
+- ``garbage``: answer 200 with an HTML page, as a captive portal or a load
+  balancer routing to the wrong site.
 
 ``rate`` makes a mode apply to that fraction of requests only (drawn from a
 seeded generator); the rest pass. ``delay`` holds the cloud's answer to an
@@ -28,9 +33,14 @@ import random
 import threading
 from collections import Counter
 
-MODES = ("pass", "refuse", "503", "429", "blackhole", "cut")
+MODES = ("pass", "refuse", "503", "429", "blackhole", "cut", "413", "garbage")
 UPLINK = "/api/edge/v1/uplink"
-_REASONS = {503: "Service Unavailable", 429: "Too Many Requests"}
+_REASONS = {
+    200: "OK",
+    413: "Content Too Large",
+    429: "Too Many Requests",
+    503: "Service Unavailable",
+}
 
 
 class Proxy:
@@ -42,6 +52,7 @@ class Proxy:
         self.mode = "pass"
         self.rate = 1.0
         self.delay = 0.0
+        self.max_body = 16 * 1024
         self.counts: Counter[str] = Counter()
         self.at_cloud = 0
         self.in_flight = 0
@@ -130,12 +141,18 @@ class Proxy:
                 if request is None:
                     return
                 mode = self._draw()
-                self.counts[mode] += 1
                 if mode == "refuse":
                     writer.transport.abort()
                     return
-                if mode in ("503", "429"):
+                if mode == "413" and len(request.body) <= self.max_body:
+                    mode = "pass"
+                self.counts[mode] += 1
+                if mode in ("503", "429", "413"):
                     writer.write(_answer(int(mode)))
+                    await writer.drain()
+                    continue
+                if mode == "garbage":
+                    writer.write(_answer(200))
                     await writer.drain()
                     continue
                 if mode == "blackhole":
@@ -210,9 +227,10 @@ class Proxy:
 class Message:
     """One HTTP/1.1 message as read: its first line and its raw bytes."""
 
-    def __init__(self, start: str, raw: bytes) -> None:
+    def __init__(self, start: str, raw: bytes, body: bytes) -> None:
         self.start = start
         self.raw = raw
+        self.body = body
 
     @property
     def target(self) -> str:
@@ -244,7 +262,7 @@ async def read_message(
         body = await reader.read()
     else:
         body = b""
-    return Message(lines[0].decode("latin-1"), head + body)
+    return Message(lines[0].decode("latin-1"), head + body, body)
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
@@ -272,8 +290,17 @@ async def _connect(
 
 
 def _answer(status: int) -> bytes:
-    body = b'{"error": "the fault proxy answers %d"}' % status
-    retry = b"retry-after: 1\r\n" if status == 429 else b""
-    head = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status].encode())
-    head += b"content-type: application/json\r\n%s" % retry
+    if status == 200:
+        body = b"<html><body>Please sign in to use this network.</body></html>"
+        kind = b"text/html"
+    else:
+        body = b'{"error": "the fault proxy answers %d"}' % status
+        kind = b"application/json"
+    head = b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\n" % (
+        status,
+        _REASONS[status].encode(),
+        kind,
+    )
+    if status == 429:
+        head += b"retry-after: 1\r\n"
     return head + b"content-length: %d\r\n\r\n" % len(body) + body

@@ -49,7 +49,7 @@ class Scale:
     drain_timeout: float = 90.0
 
 
-SHORT = Scale(devices=4, per_post=5, interval=0.005, duration=4.0, kills=2)
+SHORT = Scale(devices=4, per_post=5, interval=0.005, duration=3.5, kills=2)
 LONG = Scale(devices=8, per_post=20, interval=0.002, duration=30.0, kills=5)
 
 
@@ -80,11 +80,26 @@ class Run:
         return self.random.uniform(low, high)
 
     def link(self, mode: str, seconds: float, rate: float = 1.0) -> None:
-        """Put the link in ``mode`` for ``seconds``, then back to pass."""
+        """Put the link in ``mode`` for ``seconds``, then back to pass, and
+        measure how long the edge takes to send again."""
         self.proxy.set_mode(mode, rate=rate)
         time.sleep(seconds)
-        self.proxy.set_mode("pass")
+        self.heal()
         self.notes[f"{mode} {seconds:.1f}s"] += 1
+
+    def heal(self, action: Callable[[], Any] | None = None) -> None:
+        """End a fault (by default, put the link back to pass), then wait for
+        the edge's next uplink request and keep the longest such wait in
+        ``measures["resume s"]``."""
+        self.proxy.uplink_forwarded.clear()
+        healed = time.monotonic()
+        if action is None:
+            self.proxy.set_mode("pass")
+        else:
+            action()
+        self.proxy.uplink_forwarded.wait(60)
+        waited = time.monotonic() - healed
+        self.measures["resume s"] = max(self.measures.get("resume s", 0.0), waited)
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,9 @@ class Scenario:
     poison_at: tuple[float, float] = (0.2, 0.6)
     edge_chain: str | None = None
     measure_file: bool = False
+    lasting: bool = False
+    """The link keeps its last mode through the drain: a property of the
+    deployment (a body limit), not a passing fault."""
 
 
 def kill_edge(run: Run) -> None:
@@ -121,7 +139,7 @@ def kill_edge(run: Run) -> None:
             run.notes["edge killed"] += 1
         time.sleep(run.draw(0.1, 0.8))
         run.proxy.delay = 0.0
-        run.edge.start()
+        run.heal(run.edge.start)
 
 
 def kill_cloud(run: Run) -> None:
@@ -139,7 +157,7 @@ def kill_cloud(run: Run) -> None:
         run.cloud.kill()
         run.notes["cloud killed mid-batch" if applying else "cloud killed"] += 1
         time.sleep(run.draw(0.2, 1.0))
-        run.cloud.start()
+        run.heal(run.cloud.start)
 
 
 def flaky(mode: str, rates: tuple[float, float] = (1.0, 1.0)) -> Callable[[Run], None]:
@@ -172,7 +190,7 @@ def clock(run: Run) -> None:
     run.clock_file.write_text("offset -60000")
     run.notes["clock stepped back 60s"] += 1
     run.at(run.draw(0.6, 0.7))
-    run.proxy.set_mode("pass")
+    run.heal()
     run.notes["refused while queueing"] += 1
 
 
@@ -189,8 +207,19 @@ def outage(run: Run) -> None:
     run.at(0.75)
     run.measures["peak bytes"] = file_bytes(run.edge.db)
     run.measures["backlog"] = edge_queue(run.edge)["pending"]
-    run.proxy.set_mode("pass")
+    run.heal()
     run.notes["refused for 70% of the load"] += 1
+
+
+def body_limit(run: Run) -> None:
+    """A reverse proxy in front of the cloud refuses bodies over 2 KiB with 413,
+    from the start and for good, while a backlog makes batches large."""
+    run.proxy.max_body = 2 * 1024
+    run.proxy.set_mode("413")
+    run.at(run.draw(0.1, 0.2))
+    run.link("refuse", run.draw(0.3, 0.4) * run.scale.duration)
+    run.proxy.set_mode("413")
+    run.notes["bodies over 2 KiB refused"] += 1
 
 
 SCENARIOS = {
@@ -206,5 +235,7 @@ SCENARIOS = {
         Scenario("clock", clock),
         Scenario("poison-mid-batch", poison_in_batch, poison_at=(0.35, 0.5)),
         Scenario("outage", outage, edge_chain=EDGE_PUSH_ONLY_CHAIN, measure_file=True),
+        Scenario("body-limit", body_limit, lasting=True),
+        Scenario("garbage-200", flaky("garbage", (0.5, 1.0))),
     )
 }
