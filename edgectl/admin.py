@@ -31,6 +31,7 @@ from edgectl.api import (
     guarded,
     parse_body,
     read_body,
+    set_attributes,
 )
 from edgectl.devices import register_device, register_edge
 from edgectl.replay import Selection, list_events, purge, requeue_dead
@@ -177,6 +178,11 @@ def admin_routes(service: Service) -> list[Route]:
         ("/api/edgectl/tables", inspect_tables, "GET"),
         ("/api/edgectl/tables/{table}", inspect_table, "GET"),
         ("/api/edgectl/replay/{action}", replay, "POST"),
+        (
+            "/api/plugins/telemetry/DEVICE/{device}/attributes/{scope}",
+            set_attributes,
+            "POST",
+        ),
     ]
     return [
         Route(

@@ -723,14 +723,15 @@ def _acknowledge_downlink(
     return delivered
 
 
-# -- the cloud's attribute API (ThingsBoard's shape) ------------------------
+# -- the attribute API of both roles (ThingsBoard's shape) --------------------
 
 
 async def set_attributes(service: Service, request: Request) -> Response:
     """``POST /api/plugins/telemetry/DEVICE/{device}/attributes/{scope}``.
 
     Stores the attributes and sends ATTRIBUTES_UPDATED into the root chain,
-    which pushes them to the device's edge. ``{device}`` is the device name.
+    which pushes them to the peer: on a cloud to the device's edge, on an
+    edge to the cloud. ``{device}`` is the device name.
     """
     name, raw_scope = request.path_params["device"], request.path_params["scope"]
     scope = normalize_scope(raw_scope)
@@ -817,11 +818,6 @@ def build_app(service: Service, extra: list[Route] | None = None) -> Starlette:
             route("/api/edge/v1/hello", hello, ["GET"]),
             route("/api/edge/v1/uplink", uplink, ["POST"]),
             route("/api/edge/v1/downlink", downlink, ["POST"]),
-            route(
-                "/api/plugins/telemetry/DEVICE/{device}/attributes/{scope}",
-                set_attributes,
-                ["POST"],
-            ),
         ]
     return Starlette(routes=[*routes, *(extra or [])])
 

@@ -226,3 +226,26 @@ def test_a_role_still_stops_on_sigterm_after_a_script_timed_out(roles, tmp_path)
     assert post(edge, "T-spin", "telemetry", {"n": 1}).status_code == 200
     assert edge.stop(timeout=15) == 0
     assert "script ran longer than 100 ms" in edge.log.read_text()
+
+
+def test_attributes_changed_on_both_sides_while_apart_converge_on_the_newest(pair):
+    cloud, edge = pair
+    add_device(edge, "heater", "T-heater")
+    wait_for(lambda: remote.call(cloud.url, "GET", "/api/edgectl/devices"), what="the device on the cloud")
+    path = "/api/plugins/telemetry/DEVICE/heater/attributes/SHARED_SCOPE"
+
+    cloud.stop()
+    remote.call(edge.url, "POST", path, {"mode": "set-on-edge-first"})
+    edge.stop()
+    cloud.start()
+    wait_for(lambda: True, timeout=0.01)
+    remote.call(cloud.url, "POST", path, {"mode": "set-on-cloud-later"})
+    edge.start()
+
+    def both_hold(value):
+        on_edge = httpx.get(f"{edge.url}/api/v1/T-heater/attributes?sharedKeys=mode").json()
+        on_cloud = cloud_rows(cloud, "attribute_kv", device="heater", key="mode")
+        return on_edge == {"shared": {"mode": value}} and [r["value"] for r in on_cloud] == [value]
+
+    wait_for(lambda: both_hold("set-on-cloud-later"), timeout=40, what="both sides to converge")
+    assert edge_dead_and_pending(edge) == (0, 0)

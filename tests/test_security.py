@@ -140,11 +140,6 @@ def test_a_batch_replayed_by_another_edge_is_refused_and_stores_nothing(cloud):
     assert {"name": "pump-a", "type": "pump", "edge": "site-a"} in devices
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sync.Receiver lets any edge write to a cloud device that no edge owns "
-    "(registered on the cloud itself), though no edge may claim it",
-)
 def test_an_edge_cannot_write_to_a_device_registered_on_the_cloud(cloud):
     remote.call(cloud.url, "POST", "/api/edgectl/devices", {"name": "cloud-only"})
     batch = {
@@ -598,8 +593,14 @@ def test_a_body_slower_than_the_timeout_gets_408_and_stores_nothing(strict_edge)
     )
     with socket.create_connection(("127.0.0.1", strict_edge.port)) as slow:
         slow.sendall(head + body[:5])
-        slow.settimeout(5)
-        answer = slow.recv(4096)
+        slow.settimeout(15)
+        answer = b""
+        # The answer may come in pieces on a loaded machine; read to the end.
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            piece = slow.recv(4096)
+            if not piece:
+                break
+            answer += piece
 
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {
