@@ -188,9 +188,12 @@ class Receiver:
                 f"unknown {event.entity_type.lower()} {event.entity_name!r}: it was "
                 "never announced with ENTITY_CREATED"
             )
-        if owner is not None and entity.edge not in (None, owner):
+        # A device no edge owns was registered on the cloud itself: no edge may
+        # write to it, as none may claim it with ENTITY_CREATED.
+        if owner is not None and entity.edge != owner:
+            holder = "the cloud" if entity.edge is None else f"edge {entity.edge!r}"
             raise ValueRejected(
-                f"{event.entity_name!r} belongs to edge {entity.edge!r}, not {owner!r}"
+                f"{event.entity_name!r} belongs to {holder}, not {owner!r}"
             )
         metadata = {
             "deviceName": entity.name,
@@ -224,14 +227,20 @@ class Receiver:
             raise ValueRejected(f"{event.action} body must be an object")
         if event.action == TIMESERIES_UPDATED:
             metadata[META_TS] = str(body.get("ts", event.ts))
-            return [Message(POST_TELEMETRY_REQUEST, event.entity, body.get("data"), metadata)]
+            return [
+                Message(
+                    POST_TELEMETRY_REQUEST, event.entity, body.get("data"), metadata
+                )
+            ]
         scope = normalize_scope(str(body.get("scope") or "server"))
         if scope is None:
             raise ValueRejected(f"unknown scope {body.get('scope')!r}")
         metadata[META_SCOPE] = thingsboard_scope(scope)
         if event.action == POST_ATTRIBUTES:
             metadata[META_TS] = str(body.get("ts", event.ts))
-            return [Message(POST_ATTRIBUTES_REQUEST, event.entity, body.get("kv"), metadata)]
+            return [
+                Message(POST_ATTRIBUTES_REQUEST, event.entity, body.get("kv"), metadata)
+            ]
         if event.action == ATTRIBUTES_UPDATED:
             return self._updated(event, body, scope, metadata, run)
         if event.action == ATTRIBUTES_DELETED:
