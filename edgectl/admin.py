@@ -34,7 +34,7 @@ from edgectl.api import (
     set_attributes,
 )
 from edgectl.devices import register_device, register_edge
-from edgectl.replay import Selection, list_events, purge, requeue_dead
+from edgectl.replay import Selection, list_events, purge, requeue_dead, resend
 from edgectl.tables import RowFilter, overview, rows
 
 T = TypeVar("T")
@@ -159,9 +159,9 @@ async def replay(service: Service, request: Request) -> Response:
     if action == "list":
         found = await asyncio.to_thread(list_events, service.store, selection)
         return JSONResponse(found)
-    operations = {"requeue": requeue_dead, "purge": purge}
+    operations = {"requeue": requeue_dead, "purge": purge, "resend": resend}
     if action not in operations:
-        raise HttpError(404, f"no replay action {action!r}; use list, requeue or purge")
+        raise HttpError(404, f"no replay action {action!r}; use list, requeue, purge or resend")
     operation = operations[action]
     count = await _on_writer(
         service, lambda: operation(service.store, selection, dry_run=dry_run)

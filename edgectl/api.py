@@ -707,7 +707,9 @@ def _acknowledge_downlink(
     delivered = delivered_seq(service.store, EDGE_QUEUE, edge)
     with service.store.transaction() as con:
         if ack > delivered:
-            mark_delivered(con, EDGE_QUEUE, edge, ack)
+            mark_delivered(
+                con, EDGE_QUEUE, edge, ack, keep=service.store.keep_delivered_ms > 0
+            )
             service.metrics.add("events_acknowledged", ack - delivered)
             delivered = ack
         if rejected is not None and rejected[0] == delivered + 1:

@@ -393,7 +393,12 @@ def _replay(action: str, db: Path | None, url: str | None, selection: Any, dry_r
     try:
         if action == "list":
             return replay.list_events(store, selection)
-        operation = replay.requeue_dead if action == "requeue" else replay.purge
+        operations = {
+            "requeue": replay.requeue_dead,
+            "purge": replay.purge,
+            "resend": replay.resend,
+        }
+        operation = operations[action]
         return {"count": operation(store, selection, dry_run=dry_run), "dry_run": dry_run}
     finally:
         store.close()
@@ -403,6 +408,9 @@ def _replay(action: str, db: Path | None, url: str | None, selection: Any, dry_r
 def replay_list(
     db: DbOption = None, url: UrlOption = None, queue: QueueOption = None,
     dead: Annotated[bool, typer.Option(help="Dead letters instead of pending.")] = False,
+    delivered: Annotated[
+        bool, typer.Option(help="Delivered events kept for resend.")
+    ] = False,
     first: FirstOption = None, last: LastOption = None, since: SinceOption = None,
     until: UntilOption = None, device: DeviceOption = None, action: ActionOption = None,
     edge: EdgeOption = None, limit: Annotated[int, typer.Option()] = 100,
@@ -411,8 +419,9 @@ def replay_list(
     """List pending (or dead-lettered) events by sequence, time, device, action."""
     from edgectl import render
 
+    state = "dead" if dead else "delivered" if delivered else "pending"
     selection = _selection(
-        queue=queue, state="dead" if dead else "pending", first=first, last=last,
+        queue=queue, state=state, first=first, last=last,
         since=since, until=until, device=device, action=action, edge=edge, limit=limit,
     )
     found = _replay("list", db, url, selection, False)
@@ -451,6 +460,21 @@ def replay_purge(
     )
     answer = _replay("purge", db, url, selection, dry_run)
     verb = "would purge" if dry_run else "purged"
+    out.print(f"{verb} {answer['count']} event(s)")
+
+
+@replay_app.command("resend")
+def replay_resend(
+    first: Annotated[int, typer.Option(help="Send again from this sequence on.")],
+    db: DbOption = None, url: UrlOption = None, queue: QueueOption = None,
+    edge: EdgeOption = None,
+    dry_run: Annotated[bool, typer.Option(help="Count only.")] = False,
+) -> None:
+    """Send delivered events again (kept with keep_delivered_seconds); safe,
+    since the peer applies each event once."""
+    selection = _selection(queue=queue, state="delivered", first=first, edge=edge)
+    answer = _replay("resend", db, url, selection, dry_run)
+    verb = "would send again" if dry_run else "will send again"
     out.print(f"{verb} {answer['count']} event(s)")
 
 

@@ -50,6 +50,7 @@ class RoleConfig:
     max_queue_bytes: int = 1024 * MIB
     max_queue_age_seconds: float = 7 * 24 * 3600.0
     queue_full: str = "reject"
+    keep_delivered_seconds: float = 0.0
     batch_size: int = 5000
     max_attempts: int = 3
     poll_seconds: float = 20.0

@@ -176,13 +176,20 @@ def delivered_seq(store: Store, queue: str, edge: str | None) -> int:
 
 
 def mark_delivered(
-    con: duckdb.DuckDBPyConnection, queue: str, edge: str | None, through: int
+    con: duckdb.DuckDBPyConnection,
+    queue: str,
+    edge: str | None,
+    through: int,
+    *,
+    keep: bool = False,
 ) -> None:
     """Advance the cursor to ``through`` and delete what it passed, in bulk.
 
-    The cursor never moves back: an acknowledgement that arrives after the
-    queue dropped events beyond it (age or byte limit) leaves it where it is,
-    or the sender would wait for the dropped events forever.
+    With ``keep`` the passed events are copied to ``delivered_event`` first,
+    for ``edgectl replay resend``. The cursor never moves back: an
+    acknowledgement that arrives after the queue dropped events beyond it
+    (age or byte limit) leaves it where it is, or the sender would wait for
+    the dropped events forever.
     """
     where, params = _edge_filter(queue, edge)
     current = con.execute(
@@ -192,6 +199,13 @@ def mark_delivered(
     ).fetchone()
     if current and current[0] is not None:
         through = max(through, int(current[0]))
+    if keep:
+        edge_column = "edge" if queue == EDGE_QUEUE else "NULL"
+        con.execute(
+            f"INSERT INTO delivered_event SELECT ?, {edge_column}, {_EVENT_FIELDS}, ? "
+            f"FROM {queue} WHERE seq <= ?{where}",
+            [queue, now_ms(), through, *params],
+        )
     con.execute(f"DELETE FROM {queue} WHERE seq <= ?{where}", [through, *params])
     con.execute(
         "DELETE FROM queue_cursor WHERE queue = ? AND edge IS NOT DISTINCT FROM ?",
@@ -359,3 +373,44 @@ def drop_through(
     for row in rows:
         mark_delivered(con, queue, row[0], int(row[3]))
     return [DroppedRange(queue, *row) for row in rows]
+
+
+def prune_delivered(store: Store, before: int) -> int:
+    """Forget kept delivered events acknowledged before ``before`` (epoch ms)."""
+    with store.transaction() as con:
+        row = con.execute(
+            "DELETE FROM delivered_event WHERE delivered_ts < ?", [before]
+        ).fetchall()
+    return int(row[0][0]) if row else 0
+
+
+def rewind(store: Store, queue: str, edge: str | None, first: int) -> int:
+    """Queue kept delivered events from ``first`` on again and move the cursor
+    back before them; returns how many will be sent again.
+
+    The peer applies each event once, so sending again changes nothing there
+    unless it lost what it had applied.
+    """
+    where = " AND edge IS NOT DISTINCT FROM ?" if queue == EDGE_QUEUE else ""
+    params: list[Any] = [queue, first, *([edge] if queue == EDGE_QUEUE else [])]
+    columns = _EVENT_FIELDS + (", edge" if queue == EDGE_QUEUE else "")
+    with store.transaction() as con:
+        moved = con.execute(
+            f"INSERT INTO {queue} SELECT {columns} FROM delivered_event "
+            f"WHERE queue = ? AND seq >= ?{where} ORDER BY seq",
+            params,
+        ).fetchall()
+        con.execute(
+            f"DELETE FROM delivered_event WHERE queue = ? AND seq >= ?{where}", params
+        )
+        count = int(moved[0][0]) if moved else 0
+        if count:
+            con.execute(
+                "DELETE FROM queue_cursor WHERE queue = ? "
+                "AND edge IS NOT DISTINCT FROM ?",
+                [queue, edge],
+            )
+            con.execute(
+                "INSERT INTO queue_cursor VALUES (?, ?, ?)", [queue, edge, first - 1]
+            )
+    return count

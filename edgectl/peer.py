@@ -193,7 +193,13 @@ class Uplink:
         delivered = self.delivered
         with self.store.transaction() as con:
             if through > delivered:
-                mark_delivered(con, CLOUD_QUEUE, None, through)
+                mark_delivered(
+                    con,
+                    CLOUD_QUEUE,
+                    None,
+                    through,
+                    keep=self.store.keep_delivered_ms > 0,
+                )
                 self.metrics.add("events_acknowledged", through - delivered)
                 delivered = through
             if isinstance(rejected, dict) and int(rejected["seq"]) == delivered + 1:

@@ -13,10 +13,16 @@ import duckdb
 
 from edgectl.errors import ConfigError
 from edgectl.message import now_ms
-from edgectl.outbox import CLOUD_QUEUE, EDGE_QUEUE, delivered_seq, mark_delivered
+from edgectl.outbox import (
+    CLOUD_QUEUE,
+    EDGE_QUEUE,
+    delivered_seq,
+    mark_delivered,
+    rewind,
+)
 from edgectl.storage import Store
 
-STATES = ("pending", "dead", "all")
+STATES = ("pending", "dead", "delivered", "all")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,23 +78,31 @@ def list_events(store: Store, selection: Selection) -> list[dict[str, Any]]:
             found += _select(con, selection, dead=False)
         if selection.state in ("dead", "all"):
             found += _select(con, selection, dead=True)
+        if selection.state in ("delivered", "all"):
+            found += _select(con, selection, dead=True, table="delivered_event")
         return sorted(found, key=lambda item: item["seq"])[: selection.limit]
 
     return store.read("reading events from", query)
 
 
 def _select(
-    con: duckdb.DuckDBPyConnection, selection: Selection, *, dead: bool
+    con: duckdb.DuckDBPyConnection,
+    selection: Selection,
+    *,
+    dead: bool,
+    table: str = "dead_letter",
 ) -> list[dict[str, Any]]:
+    # Dead letters and kept delivered events share a layout with a queue column.
     where, params = _where(selection, dead)
-    table = "dead_letter" if dead else selection.queue
+    table = table if dead else selection.queue
+    state = {"dead_letter": "dead", "delivered_event": "delivered"}[table] if dead else "pending"
     result = con.execute(
         f"SELECT * FROM {table} WHERE {where} ORDER BY seq LIMIT ?", [*params, selection.limit]
     )
     names = [column[0] for column in result.description or []]
     rows = [dict(zip(names, row, strict=True)) for row in result.fetchall()]
     for row in rows:
-        row["state"] = "dead" if dead else "pending"
+        row["state"] = state
     return rows
 
 
@@ -159,3 +173,26 @@ def purge(store: Store, selection: Selection, *, dry_run: bool = False) -> int:
 def _count(store: Store, query: str, params: list[Any]) -> int:
     row = store.read("counting events in", lambda con: con.execute(query, params).fetchone())
     return int(row[0]) if row else 0
+
+
+def resend(store: Store, selection: Selection, *, dry_run: bool = False) -> int:
+    """Send kept delivered events again, from ``selection.first`` on.
+
+    Returns how many (would) go again. The peer applies each event once, so
+    this is safe; it matters when the peer lost what it had applied. Needs
+    ``keep_delivered_seconds`` on the role, or nothing is kept to resend.
+    """
+    selection.check()
+    if selection.first is None:
+        raise ConfigError("resend needs --first SEQ: events from it on are sent again")
+    edge = selection.edge if selection.queue == EDGE_QUEUE else None
+    if selection.queue == EDGE_QUEUE and edge is None:
+        raise ConfigError("resend on a cloud needs --edge NAME")
+    if dry_run:
+        extra = " AND edge = ?" if edge else ""
+        return _count(
+            store,
+            f"SELECT count(*) FROM delivered_event WHERE queue = ? AND seq >= ?{extra}",
+            [selection.queue, selection.first, *([edge] if edge else [])],
+        )
+    return rewind(store, selection.queue, edge, selection.first)

@@ -28,7 +28,7 @@ from edgectl.config import RoleConfig
 from edgectl.engine import BuildContext, Engine
 from edgectl.message import SOURCE_CLOUD, SOURCE_EDGE, now_ms
 from edgectl.metrics import Metrics
-from edgectl.outbox import CLOUD_QUEUE, EDGE_QUEUE, queue_stats
+from edgectl.outbox import CLOUD_QUEUE, EDGE_QUEUE, prune_delivered, queue_stats
 from edgectl.quota import QueueLimits, Quota
 from edgectl.storage import Store
 from edgectl.sync import Receiver
@@ -51,6 +51,7 @@ def open_service(config: RoleConfig) -> Service:
     chain = load_chain(chain_path)
     engine = Engine(chain, BuildContext(load_chain, (chain_path.resolve(),)))
     store = Store(config.db_path)
+    store.keep_delivered_ms = int(config.keep_delivered_seconds * 1000)
     writer = Writer(store, engine, max_batch=config.batch_size)
     source = SOURCE_EDGE if config.role == "cloud" else SOURCE_CLOUD
     metrics = Metrics(config.role)
@@ -192,6 +193,13 @@ async def _expire_loop(config: RoleConfig, service: Service, stop: asyncio.Event
             await asyncio.wait_for(stop.wait(), config.ttl_cleanup_seconds)
         if stop.is_set():
             return
+        if service.store.keep_delivered_ms:
+            cutoff = now_ms() - service.store.keep_delivered_ms
+            await asyncio.wrap_future(
+                service.writer.call(
+                    lambda before=cutoff: prune_delivered(service.store, before)
+                )
+            )
         try:
             removed = await asyncio.wrap_future(
                 service.writer.call(lambda: service.store.expire(now_ms()))

@@ -70,6 +70,9 @@ _TABLES = {
     "edge_event": f"{_EVENT_COLUMNS}, edge VARCHAR",
     "dead_letter": f"queue VARCHAR, edge VARCHAR, {_EVENT_COLUMNS}, dead_ts BIGINT",
     "queue_cursor": "queue VARCHAR, edge VARCHAR, delivered_seq BIGINT",
+    # Delivered events kept for ``keep_delivered_seconds``, so a range can be
+    # sent again; empty unless that setting is on.
+    "delivered_event": f"queue VARCHAR, edge VARCHAR, {_EVENT_COLUMNS}, delivered_ts BIGINT",
     "sync_applied": "peer VARCHAR, applied_seq BIGINT",
 }
 
@@ -127,6 +130,9 @@ class Store:
 
     def __init__(self, path: Path, *, memory_limit: str = "1GB") -> None:
         self.path = path
+        # How long acknowledged events stay for ``edgectl replay resend``; 0
+        # deletes them at once.
+        self.keep_delivered_ms = 0
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
         try:

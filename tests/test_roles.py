@@ -249,3 +249,40 @@ def test_attributes_changed_on_both_sides_while_apart_converge_on_the_newest(pai
 
     wait_for(lambda: both_hold("set-on-cloud-later"), timeout=40, what="both sides to converge")
     assert edge_dead_and_pending(edge) == (0, 0)
+
+
+def test_resend_sends_kept_delivered_events_again_and_the_cloud_applies_them_once(
+    roles, tmp_path
+):
+    cloud = roles("cloud")
+    remote.call(cloud.url, "POST", "/api/edgectl/edges", {"name": "site-1", "key": KEY, "secret": SECRET})
+    settings = tmp_path / "edge.yaml"
+    settings.write_text("keep_delivered_seconds: 3600\n")
+    edge = roles(
+        "edge", "--config", str(settings), "--cloud", cloud.url, "--edge-key", KEY,
+        env={"EDGECTL_EDGE_SECRET": SECRET},
+    )
+    add_device(edge, "logger", "T-logger")
+    for number in range(5):
+        assert post(edge, "T-logger", "telemetry", {"ts": 1000 + number, "values": {"n": number}}).status_code == 200
+    wait_for(lambda: len(cloud_rows(cloud, "ts_kv")) == 5, what="five readings")
+    wait_for(lambda: edge_dead_and_pending(edge) == (0, 0), what="all delivered")
+    kept = remote.call(edge.url, "POST", "/api/edgectl/replay/list", {"state": "delivered"})
+    assert [event["seq"] for event in kept] == [1, 2, 3, 4, 5, 6]
+    def sent_by_edge() -> float:
+        for line in httpx.get(f"{edge.url}/metrics").text.splitlines():
+            if line.startswith("edgectl_events_sent_total"):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    sent_before = sent_by_edge()
+    answer = remote.call(edge.url, "POST", "/api/edgectl/replay/resend", {"state": "delivered", "first": 2})
+
+    assert answer == {"count": 5, "dry_run": False}
+    wait_for(lambda: edge_dead_and_pending(edge) == (0, 0), what="the resend to finish")
+    assert len(cloud_rows(cloud, "ts_kv")) == 5
+    metrics = httpx.get(f"{cloud.url}/metrics").text
+    assert 'edgectl_events_received_total{role="cloud"} 6' in metrics
+    assert sent_by_edge() == sent_before + 5
+    again = remote.call(edge.url, "POST", "/api/edgectl/replay/list", {"state": "delivered"})
+    assert [event["seq"] for event in again] == [1, 2, 3, 4, 5, 6]
