@@ -161,7 +161,9 @@ async def replay(service: Service, request: Request) -> Response:
         return JSONResponse(found)
     operations = {"requeue": requeue_dead, "purge": purge, "resend": resend}
     if action not in operations:
-        raise HttpError(404, f"no replay action {action!r}; use list, requeue, purge or resend")
+        raise HttpError(
+            404, f"no replay action {action!r}; use list, requeue, purge or resend"
+        )
     operation = operations[action]
     count = await _on_writer(
         service, lambda: operation(service.store, selection, dry_run=dry_run)

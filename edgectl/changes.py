@@ -53,7 +53,9 @@ class TimeseriesDelete:
 
     def covers(self, entity: EntityRef, key: str, ts: int) -> bool:
         """True when a reading of ``entity``/``key`` at ``ts`` is in the range."""
-        return entity == self.entity and key in self.keys and self.start <= ts <= self.end
+        return (
+            entity == self.entity and key in self.keys and self.start <= ts <= self.end
+        )
 
 
 @dataclass(slots=True)
@@ -104,8 +106,14 @@ class ChangeSet:
     def drop_deleted_readings(self) -> None:
         """Remove pending readings that a later delete of this batch covers."""
         columns = (
-            self.entities, self.keys, self.ts, self.kinds, self.values,
-            self.expires, self.latest, self.orders,
+            self.entities,
+            self.keys,
+            self.ts,
+            self.kinds,
+            self.values,
+            self.expires,
+            self.latest,
+            self.orders,
         )
         keep = [
             index

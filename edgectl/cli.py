@@ -76,7 +76,9 @@ def main_options(
     ] = False,
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version."
+        ),
     ] = False,
 ) -> None:
     """Keep IoT telemetry in sync between edge sites and a cloud."""
@@ -86,7 +88,9 @@ def main_options(
 @app.command()
 def validate(
     files: Annotated[list[Path], typer.Argument(help="Chain files to check.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print problems as JSON.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print problems as JSON.")
+    ] = False,
     strict: Annotated[bool, typer.Option(help="Fail on warnings too.")] = False,
 ) -> None:
     """Check rule chain files: schema, then relations, cycles and reachability."""
@@ -109,13 +113,16 @@ DbOption = Annotated[
     Path | None, typer.Option("--db", help="A stopped role's DuckDB file.")
 ]
 UrlOption = Annotated[
-    str | None, typer.Option("--url", help="A running role, e.g. http://127.0.0.1:8081.")
+    str | None,
+    typer.Option("--url", help="A running role, e.g. http://127.0.0.1:8081."),
 ]
 
 
 def _one_target(db: Path | None, url: str | None) -> None:
     if (db is None) == (url is None):
-        fail("give exactly one of --db PATH (a stopped file) or --url URL (a running role)")
+        fail(
+            "give exactly one of --db PATH (a stopped file) or --url URL (a running role)"
+        )
 
 
 def open_store(db: Path, *, create: bool = False) -> Any:
@@ -133,25 +140,42 @@ def run(
     config: Annotated[Path | None, typer.Option(help="YAML file of settings.")] = None,
     db: Annotated[Path | None, typer.Option(help="DuckDB file.")] = None,
     chain: Annotated[Path | None, typer.Option(help="Root chain file.")] = None,
-    listen: Annotated[str | None, typer.Option(help="HOST:PORT (port 0: any free).")] = None,
+    listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT (port 0: any free).")
+    ] = None,
     cloud: Annotated[str | None, typer.Option(help="Edge: the cloud's URL.")] = None,
-    edge_key: Annotated[str | None, typer.Option(help="Edge: its key on the cloud.")] = None,
+    edge_key: Annotated[
+        str | None, typer.Option(help="Edge: its key on the cloud.")
+    ] = None,
     edge_secret: Annotated[
         str | None, typer.Option(help="Edge: its secret (prefer EDGECTL_EDGE_SECRET).")
     ] = None,
-    cloud_ca: Annotated[Path | None, typer.Option(help="Edge: CA file to trust.")] = None,
-    tls_cert: Annotated[Path | None, typer.Option(help="Serve HTTPS with this cert.")] = None,
+    cloud_ca: Annotated[
+        Path | None, typer.Option(help="Edge: CA file to trust.")
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Serve HTTPS with this cert.")
+    ] = None,
     tls_key: Annotated[Path | None, typer.Option(help="Key of --tls-cert.")] = None,
-    port_file: Annotated[Path | None, typer.Option(help="Write the bound port here.")] = None,
+    port_file: Annotated[
+        Path | None, typer.Option(help="Write the bound port here.")
+    ] = None,
 ) -> None:
     """Run an edge or a cloud until SIGTERM or Ctrl-C."""
     from edgectl.config import load_config
     from edgectl.roles import run_role
 
     options = {
-        "db": db, "chain": chain, "listen": listen, "cloud": cloud,
-        "edge_key": edge_key, "edge_secret": edge_secret, "cloud_ca": cloud_ca,
-        "tls_cert": tls_cert, "tls_key": tls_key, "port_file": port_file,
+        "db": db,
+        "chain": chain,
+        "listen": listen,
+        "cloud": cloud,
+        "edge_key": edge_key,
+        "edge_secret": edge_secret,
+        "cloud_ca": cloud_ca,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "port_file": port_file,
     }
     run_role(load_config(role, config, options))
 
@@ -170,7 +194,9 @@ app.add_typer(inspect_app, name="inspect")
 def devices_add(
     name: str,
     type: Annotated[str, typer.Option("--type", help="Device type.")] = "default",
-    token: Annotated[str | None, typer.Option(help="Access token (random if absent).")] = None,
+    token: Annotated[
+        str | None, typer.Option(help="Access token (random if absent).")
+    ] = None,
     db: DbOption = None,
     url: UrlOption = None,
 ) -> None:
@@ -196,8 +222,12 @@ def devices_add(
 @edges_app.command("add")
 def edges_add(
     name: str,
-    key: Annotated[str | None, typer.Option(help="Routing key (random if absent).")] = None,
-    secret: Annotated[str | None, typer.Option(help="Secret (random if absent).")] = None,
+    key: Annotated[
+        str | None, typer.Option(help="Routing key (random if absent).")
+    ] = None,
+    secret: Annotated[
+        str | None, typer.Option(help="Secret (random if absent).")
+    ] = None,
     db: DbOption = None,
     url: UrlOption = None,
 ) -> None:
@@ -207,8 +237,17 @@ def edges_add(
 
     _one_target(db, url)
     if url:
-        answer = remote.call(url, "POST", "/api/edgectl/edges", {"name": name, "key": key, "secret": secret})
-        edge_key, edge_secret, created = answer["key"], answer["secret"], answer["created"]
+        answer = remote.call(
+            url,
+            "POST",
+            "/api/edgectl/edges",
+            {"name": name, "key": key, "secret": secret},
+        )
+        edge_key, edge_secret, created = (
+            answer["key"],
+            answer["secret"],
+            answer["created"],
+        )
     else:
         store = open_store(db, create=True) if db else None
         edge, created = register_edge(store, name, key=key, secret=secret)
@@ -222,7 +261,9 @@ def edges_add(
 @attributes_app.command("set")
 def attributes_set(
     device: str,
-    pairs: Annotated[list[str], typer.Argument(help="KEY=VALUE; VALUE is JSON or text.")],
+    pairs: Annotated[
+        list[str], typer.Argument(help="KEY=VALUE; VALUE is JSON or text.")
+    ],
     url: Annotated[str, typer.Option(help="The running cloud.")],
     scope: Annotated[str, typer.Option(help="shared or server.")] = "shared",
 ) -> None:
@@ -243,7 +284,9 @@ def attributes_set(
     name = normalize_scope(scope)
     if name not in ("shared", "server"):
         fail(f"--scope must be shared or server, got {scope!r}")
-    path = f"/api/plugins/telemetry/DEVICE/{device}/attributes/{thingsboard_scope(name)}"
+    path = (
+        f"/api/plugins/telemetry/DEVICE/{device}/attributes/{thingsboard_scope(name)}"
+    )
     remote.call(url, "POST", path, values)
     out.print(f"set {len(values)} {name} attribute(s) on {device}")
 
@@ -290,23 +333,41 @@ def ingest(
     file: Annotated[Path, typer.Argument(help="CSV-like file of readings.")],
     url: UrlOption = None,
     db: DbOption = None,
-    chain: Annotated[Path | None, typer.Option(help="With --db: the edge's chain.")] = None,
+    chain: Annotated[
+        Path | None, typer.Option(help="With --db: the edge's chain.")
+    ] = None,
     mapping: Annotated[Path | None, typer.Option(help="Mapping YAML.")] = None,
     separator: Annotated[str | None, typer.Option(help="',', ';', tab, space.")] = None,
     decimal_comma: Annotated[bool | None, typer.Option(help="2,5 means 2.5.")] = None,
-    header: Annotated[bool | None, typer.Option(help="First line names columns.")] = None,
+    header: Annotated[
+        bool | None, typer.Option(help="First line names columns.")
+    ] = None,
     columns: Annotated[str | None, typer.Option(help="Names, comma-separated.")] = None,
-    timestamp_column: Annotated[list[str] | None, typer.Option(help="Repeatable.")] = None,
+    timestamp_column: Annotated[
+        list[str] | None, typer.Option(help="Repeatable.")
+    ] = None,
     timestamp_format: Annotated[
         str | None, typer.Option(help="strptime format, epoch_ms or epoch_s.")
     ] = None,
-    timezone: Annotated[str | None, typer.Option(help="IANA zone of wall times.")] = None,
-    device_column: Annotated[str | None, typer.Option(help="One device per value.")] = None,
-    device: Annotated[str | None, typer.Option(help="Device name (default: file stem).")] = None,
-    device_prefix: Annotated[str | None, typer.Option(help="Prefix of device names.")] = None,
-    device_type: Annotated[str | None, typer.Option(help="Type of new devices.")] = None,
+    timezone: Annotated[
+        str | None, typer.Option(help="IANA zone of wall times.")
+    ] = None,
+    device_column: Annotated[
+        str | None, typer.Option(help="One device per value.")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="Device name (default: file stem).")
+    ] = None,
+    device_prefix: Annotated[
+        str | None, typer.Option(help="Prefix of device names.")
+    ] = None,
+    device_type: Annotated[
+        str | None, typer.Option(help="Type of new devices.")
+    ] = None,
     skip_column: Annotated[list[str] | None, typer.Option(help="Repeatable.")] = None,
-    missing: Annotated[list[str] | None, typer.Option(help="Sentinel; repeatable.")] = None,
+    missing: Annotated[
+        list[str] | None, typer.Option(help="Sentinel; repeatable.")
+    ] = None,
     token: Annotated[str | None, typer.Option(help="One device's token.")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per request.")] = 500,
     dry_run: Annotated[bool, typer.Option(help="Read and count only.")] = False,
@@ -317,12 +378,16 @@ def ingest(
 
     given = {
         "separator": library.parse_separator(separator) if separator else None,
-        "decimal_comma": decimal_comma, "has_header": header,
+        "decimal_comma": decimal_comma,
+        "has_header": header,
         "columns": tuple(columns.split(",")) if columns else None,
         "timestamp_columns": tuple(timestamp_column) if timestamp_column else None,
-        "timestamp_format": timestamp_format, "timezone": timezone,
-        "device_column": device_column, "device_name": device,
-        "device_prefix": device_prefix, "device_type": device_type,
+        "timestamp_format": timestamp_format,
+        "timezone": timezone,
+        "device_column": device_column,
+        "device_name": device,
+        "device_prefix": device_prefix,
+        "device_type": device_type,
         "skip_columns": tuple(skip_column) if skip_column else None,
         "missing_values": tuple(missing) if missing else None,
     }
@@ -335,7 +400,11 @@ def ingest(
         elif url:
             token_for = (lambda _device: token) if token else None
             summary = library.ingest_http(
-                file, rules, url=url, token_for=token_for, batch_size=batch_size,
+                file,
+                rules,
+                url=url,
+                token_for=token_for,
+                batch_size=batch_size,
                 progress=advance,
             )
         else:
@@ -343,7 +412,9 @@ def ingest(
     ingest_summary(out, summary)
 
 
-def _ingest_db(library: Any, file: Path, rules: Any, db: Any, chain: Any, advance: Any) -> Any:
+def _ingest_db(
+    library: Any, file: Path, rules: Any, db: Any, chain: Any, advance: Any
+) -> Any:
     from edgectl.checks import load_chain
     from edgectl.engine import BuildContext, Engine
     from edgectl.roles import example_chain
@@ -352,7 +423,9 @@ def _ingest_db(library: Any, file: Path, rules: Any, db: Any, chain: Any, advanc
     engine = Engine(load_chain(chain_path), BuildContext(load_chain))
     store = open_store(db, create=True)
     try:
-        return library.ingest_store(file, rules, store=store, engine=engine, progress=advance)
+        return library.ingest_store(
+            file, rules, store=store, engine=engine, progress=advance
+        )
     finally:
         engine.close()
         store.close()
@@ -382,7 +455,9 @@ SinceOption = Annotated[int | None, typer.Option(help="Queued from this epoch ms
 UntilOption = Annotated[int | None, typer.Option(help="Queued up to this epoch ms.")]
 
 
-def _replay(action: str, db: Path | None, url: str | None, selection: Any, dry_run: bool) -> Any:
+def _replay(
+    action: str, db: Path | None, url: str | None, selection: Any, dry_run: bool
+) -> Any:
     from edgectl import remote, replay
 
     _one_target(db, url)
@@ -399,21 +474,33 @@ def _replay(action: str, db: Path | None, url: str | None, selection: Any, dry_r
             "resend": replay.resend,
         }
         operation = operations[action]
-        return {"count": operation(store, selection, dry_run=dry_run), "dry_run": dry_run}
+        return {
+            "count": operation(store, selection, dry_run=dry_run),
+            "dry_run": dry_run,
+        }
     finally:
         store.close()
 
 
 @replay_app.command("list")
 def replay_list(
-    db: DbOption = None, url: UrlOption = None, queue: QueueOption = None,
-    dead: Annotated[bool, typer.Option(help="Dead letters instead of pending.")] = False,
+    db: DbOption = None,
+    url: UrlOption = None,
+    queue: QueueOption = None,
+    dead: Annotated[
+        bool, typer.Option(help="Dead letters instead of pending.")
+    ] = False,
     delivered: Annotated[
         bool, typer.Option(help="Delivered events kept for resend.")
     ] = False,
-    first: FirstOption = None, last: LastOption = None, since: SinceOption = None,
-    until: UntilOption = None, device: DeviceOption = None, action: ActionOption = None,
-    edge: EdgeOption = None, limit: Annotated[int, typer.Option()] = 100,
+    first: FirstOption = None,
+    last: LastOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    device: DeviceOption = None,
+    action: ActionOption = None,
+    edge: EdgeOption = None,
+    limit: Annotated[int, typer.Option()] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List pending (or dead-lettered) events by sequence, time, device, action."""
@@ -421,8 +508,16 @@ def replay_list(
 
     state = "dead" if dead else "delivered" if delivered else "pending"
     selection = _selection(
-        queue=queue, state=state, first=first, last=last,
-        since=since, until=until, device=device, action=action, edge=edge, limit=limit,
+        queue=queue,
+        state=state,
+        first=first,
+        last=last,
+        since=since,
+        until=until,
+        device=device,
+        action=action,
+        edge=edge,
+        limit=limit,
     )
     found = _replay("list", db, url, selection, False)
     print_json(found) if as_json else render.rows(out, "events", found)
@@ -430,15 +525,25 @@ def replay_list(
 
 @replay_app.command("requeue")
 def replay_requeue(
-    db: DbOption = None, url: UrlOption = None, queue: QueueOption = None,
-    first: FirstOption = None, last: LastOption = None, device: DeviceOption = None,
-    action: ActionOption = None, edge: EdgeOption = None,
+    db: DbOption = None,
+    url: UrlOption = None,
+    queue: QueueOption = None,
+    first: FirstOption = None,
+    last: LastOption = None,
+    device: DeviceOption = None,
+    action: ActionOption = None,
+    edge: EdgeOption = None,
     dry_run: Annotated[bool, typer.Option(help="Count only.")] = False,
 ) -> None:
     """Put dead letters back in the queue (after fixing what refused them)."""
     selection = _selection(
-        queue=queue, state="dead", first=first, last=last, device=device,
-        action=action, edge=edge,
+        queue=queue,
+        state="dead",
+        first=first,
+        last=last,
+        device=device,
+        action=action,
+        edge=edge,
     )
     answer = _replay("requeue", db, url, selection, dry_run)
     verb = "would re-queue" if dry_run else "re-queued"
@@ -447,16 +552,26 @@ def replay_requeue(
 
 @replay_app.command("purge")
 def replay_purge(
-    db: DbOption = None, url: UrlOption = None, queue: QueueOption = None,
+    db: DbOption = None,
+    url: UrlOption = None,
+    queue: QueueOption = None,
     dead: Annotated[bool, typer.Option(help="Purge dead letters.")] = False,
-    first: FirstOption = None, last: LastOption = None, device: DeviceOption = None,
-    action: ActionOption = None, edge: EdgeOption = None,
+    first: FirstOption = None,
+    last: LastOption = None,
+    device: DeviceOption = None,
+    action: ActionOption = None,
+    edge: EdgeOption = None,
     dry_run: Annotated[bool, typer.Option(help="Count only.")] = False,
 ) -> None:
     """Delete dead letters, or drop pending events up to --last (never sent)."""
     selection = _selection(
-        queue=queue, state="dead" if dead else "pending", first=first, last=last,
-        device=device, action=action, edge=edge,
+        queue=queue,
+        state="dead" if dead else "pending",
+        first=first,
+        last=last,
+        device=device,
+        action=action,
+        edge=edge,
     )
     answer = _replay("purge", db, url, selection, dry_run)
     verb = "would purge" if dry_run else "purged"
@@ -466,7 +581,9 @@ def replay_purge(
 @replay_app.command("resend")
 def replay_resend(
     first: Annotated[int, typer.Option(help="Send again from this sequence on.")],
-    db: DbOption = None, url: UrlOption = None, queue: QueueOption = None,
+    db: DbOption = None,
+    url: UrlOption = None,
+    queue: QueueOption = None,
     edge: EdgeOption = None,
     dry_run: Annotated[bool, typer.Option(help="Count only.")] = False,
 ) -> None:
@@ -481,12 +598,15 @@ def replay_resend(
 @app.command()
 def demo(
     folder: Annotated[
-        Path | None, typer.Option("--dir", help="Keep the files here (default: a temp folder).")
+        Path | None,
+        typer.Option("--dir", help="Keep the files here (default: a temp folder)."),
     ] = None,
     seconds: Annotated[float, typer.Option(help="How long devices post.")] = 20.0,
     devices: Annotated[int, typer.Option(help="Simulated devices.")] = 3,
     rate: Annotated[float, typer.Option(help="Posts per second, all devices.")] = 20.0,
-    outage: Annotated[float, typer.Option(help="Stop the cloud this long mid-run.")] = 0.0,
+    outage: Annotated[
+        float, typer.Option(help="Stop the cloud this long mid-run.")
+    ] = 0.0,
 ) -> None:
     """Run a cloud and an edge on loopback with simulated devices, then compare."""
     import tempfile
@@ -497,14 +617,23 @@ def demo(
     target = folder or Path(tempfile.mkdtemp(prefix="edgectl-demo-"))
     with live_demo(out) as show:
         comparison = Demo(
-            target, devices=devices, seconds=seconds, rate=rate, outage=outage, on_tick=show
+            target,
+            devices=devices,
+            seconds=seconds,
+            rate=rate,
+            outage=outage,
+            on_tick=show,
         ).run()
     demo_summary(out, comparison)
     raise typer.Exit(0 if comparison.matches else EXIT_USER_ERROR)
 
 
-import_app = typer.Typer(help="Import rule chains from other platforms.", no_args_is_help=True)
-export_app = typer.Typer(help="Export rule chains to other platforms.", no_args_is_help=True)
+import_app = typer.Typer(
+    help="Import rule chains from other platforms.", no_args_is_help=True
+)
+export_app = typer.Typer(
+    help="Export rule chains to other platforms.", no_args_is_help=True
+)
 app.add_typer(import_app, name="import")
 app.add_typer(export_app, name="export")
 
@@ -518,7 +647,8 @@ def import_thingsboard(
     allow_unsupported: Annotated[
         bool,
         typer.Option(
-            "--allow-unsupported", help="Write placeholders for nodes edgectl cannot run."
+            "--allow-unsupported",
+            help="Write placeholders for nodes edgectl cannot run.",
         ),
     ] = False,
 ) -> None:

@@ -68,12 +68,29 @@ class _Role:
         port_file.unlink(missing_ok=True)
         log = (self.folder / f"{self.role}.log").open("ab")
         command = [
-            sys.executable, "-m", "edgectl", "run", "--role", self.role,
-            "--db", str(self.db), "--listen", f"127.0.0.1:{self.port}",
-            "--port-file", str(port_file), *self.args,
+            sys.executable,
+            "-m",
+            "edgectl",
+            "run",
+            "--role",
+            self.role,
+            "--db",
+            str(self.db),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--port-file",
+            str(port_file),
+            *self.args,
         ]
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        _wait(lambda: port_file.exists() and port_file.read_text(), 20, f"the {self.role}", self)
+        self.process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=self.env
+        )
+        _wait(
+            lambda: port_file.exists() and port_file.read_text(),
+            20,
+            f"the {self.role}",
+            self,
+        )
         self.port = int(port_file.read_text())
         _wait(lambda: _healthy(self.url), 20, f"the {self.role}", self)
 
@@ -200,7 +217,9 @@ class Demo:
         name = self.devices[count % len(self.devices)]
         phase = count / 50
         values = {
-            "temperature": round(21 + 3 * math.sin(phase) + random.uniform(-0.2, 0.2), 2),
+            "temperature": round(
+                21 + 3 * math.sin(phase) + random.uniform(-0.2, 0.2), 2
+            ),
             "humidity": round(45 + 5 * math.cos(phase), 1),
             "reading": count,
         }
@@ -275,7 +294,8 @@ def compare(edge_file: Path, cloud_file: Path) -> Comparison:
                 "edge_rows": len(mine["rows"]),
                 "cloud_rows": len(theirs["rows"]),
                 "latest": mine["latest"],
-                "match": mine["rows"] == theirs["rows"] and mine["latest"] == theirs["latest"],
+                "match": mine["rows"] == theirs["rows"]
+                and mine["latest"] == theirs["latest"],
             }
         )
     return Comparison(result, edge_file, cloud_file)

@@ -33,7 +33,9 @@ def register_device(
     token = token or new_token()
     holder = store.entity_by_token(token)
     if holder is not None:
-        raise ConfigError(f"token is already used by device {holder.name!r}; pick another")
+        raise ConfigError(
+            f"token is already used by device {holder.name!r}; pick another"
+        )
     announce = ChangeSet()
     announce.add_event(PendingEvent(0, ENTITY_CREATED, ref, {"type": type}, 0))
     return store.add_entity(ref, type=type, token=token, announce=announce), True
@@ -49,5 +51,7 @@ def register_edge(
         if edge.name == name:
             return edge, False
         if key and edge.routing_key == key:
-            raise ConfigError(f"key is already used by edge {edge.name!r}; pick another")
+            raise ConfigError(
+                f"key is already used by edge {edge.name!r}; pick another"
+            )
     return store.add_edge(name, key or new_token(), secret or new_token()), True

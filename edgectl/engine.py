@@ -161,7 +161,9 @@ class Engine:
                 key = (spec.id, label.lower())
                 self._targets[key] = self._targets.get(key, ()) + targets
         self._order = _visit_order(chain)
-        self._routes: dict[str, dict[tuple[str, ...], tuple[tuple[str, ...], bool]]] = {}
+        self._routes: dict[
+            str, dict[tuple[str, ...], tuple[tuple[str, ...], bool]]
+        ] = {}
 
     def run(self, messages: Iterable[Message], run: Run) -> Result:
         """Run incoming messages through the chain, then any they enqueue.

@@ -37,12 +37,25 @@ def overview(console: Console, data: dict[str, Any]) -> None:
         table.add_row(item["table"], f"{item['rows']:,}")
     console.print(table)
     queues = Table(title="queues")
-    for column in ("queue", "edge", "pending", "lag", "dead letters", "delivered seq", "last seq"):
+    for column in (
+        "queue",
+        "edge",
+        "pending",
+        "lag",
+        "dead letters",
+        "delivered seq",
+        "last seq",
+    ):
         queues.add_column(column, justify="right" if column != "queue" else "left")
     for q in data["queues"]:
         queues.add_row(
-            q["queue"], q["edge"] or "-", f"{q['pending']:,}", age(q["oldest_pending_ts"]),
-            f"{q['dead_letters']:,}", str(q["delivered_seq"]), str(q["last_seq"]),
+            q["queue"],
+            q["edge"] or "-",
+            f"{q['pending']:,}",
+            age(q["oldest_pending_ts"]),
+            f"{q['dead_letters']:,}",
+            str(q["delivered_seq"]),
+            str(q["last_seq"]),
         )
     console.print(queues)
 
@@ -120,10 +133,14 @@ def ingest_summary(console: Console, summary: Any) -> None:
     console.print(table)
     console.print(f"took {summary.elapsed:.2f} s")
     for problem in summary.problems:
-        console.print(f"line {problem.line}: {problem.reason}", style="yellow", markup=False)
+        console.print(
+            f"line {problem.line}: {problem.reason}", style="yellow", markup=False
+        )
     unlisted = summary.rejected - len(summary.problems)
     if unlisted > 0:
-        console.print(f"... and {unlisted} more rejected line(s) not listed", style="yellow")
+        console.print(
+            f"... and {unlisted} more rejected line(s) not listed", style="yellow"
+        )
 
 
 def _demo_table(snapshot: Any) -> Table:
@@ -144,10 +161,14 @@ def _demo_table(snapshot: Any) -> Table:
         ("received from peer", "events_received_total", "events_received_total"),
         ("dead letters", "dead_letters", "dead_letters"),
     ):
-        cloud_cell = "-" if cloud_key is None else (
-            f"{cloud.get(cloud_key, 0):,.0f}" if snapshot.cloud_up else down
+        cloud_cell = (
+            "-"
+            if cloud_key is None
+            else (f"{cloud.get(cloud_key, 0):,.0f}" if snapshot.cloud_up else down)
         )
-        table.add_row(label, f"{edge.get(edge_key, 0):,.1f}".removesuffix(".0"), cloud_cell)
+        table.add_row(
+            label, f"{edge.get(edge_key, 0):,.1f}".removesuffix(".0"), cloud_cell
+        )
     return table
 
 
@@ -163,15 +184,29 @@ def live_demo(console: Console) -> Iterator[Callable[[Any], None]]:
 def demo_summary(console: Console, comparison: Any) -> None:
     """Edge and cloud side by side, per device, and where the files are."""
     table = Table(title="edge and cloud, side by side")
-    for column in ("device", "edge readings", "cloud readings", "latest values", "same"):
+    for column in (
+        "device",
+        "edge readings",
+        "cloud readings",
+        "latest values",
+        "same",
+    ):
         table.add_column(column)
     for row in comparison.rows:
         latest = ", ".join(f"{k}={v}" for k, v in sorted(row["latest"].items()))
         same = "[green]yes[/green]" if row["match"] else "[red]NO[/red]"
-        table.add_row(row["device"], f"{row['edge_rows']:,}", f"{row['cloud_rows']:,}", latest, same)
+        table.add_row(
+            row["device"],
+            f"{row['edge_rows']:,}",
+            f"{row['cloud_rows']:,}",
+            latest,
+            same,
+        )
     console.print(table)
     verdict = "the same rows" if comparison.matches else "DIFFERENT rows"
     console.print(f"edge and cloud hold {verdict}.")
     console.print("Look inside:")
     console.print(f"  edgectl inspect tables --db {comparison.edge_file}", markup=False)
-    console.print(f"  edgectl inspect tables --db {comparison.cloud_file}", markup=False)
+    console.print(
+        f"  edgectl inspect tables --db {comparison.cloud_file}", markup=False
+    )

@@ -43,9 +43,13 @@ class Selection:
     def check(self) -> None:
         """Raise ConfigError for a queue or state that does not exist."""
         if self.queue not in (CLOUD_QUEUE, EDGE_QUEUE):
-            raise ConfigError(f"queue must be {CLOUD_QUEUE} or {EDGE_QUEUE}, got {self.queue!r}")
+            raise ConfigError(
+                f"queue must be {CLOUD_QUEUE} or {EDGE_QUEUE}, got {self.queue!r}"
+            )
         if self.state not in STATES:
-            raise ConfigError(f"state must be one of {', '.join(STATES)}, got {self.state!r}")
+            raise ConfigError(
+                f"state must be one of {', '.join(STATES)}, got {self.state!r}"
+            )
 
 
 def _where(selection: Selection, dead: bool) -> tuple[str, list[Any]]:
@@ -95,9 +99,14 @@ def _select(
     # Dead letters and kept delivered events share a layout with a queue column.
     where, params = _where(selection, dead)
     table = table if dead else selection.queue
-    state = {"dead_letter": "dead", "delivered_event": "delivered"}[table] if dead else "pending"
+    state = (
+        {"dead_letter": "dead", "delivered_event": "delivered"}[table]
+        if dead
+        else "pending"
+    )
     result = con.execute(
-        f"SELECT * FROM {table} WHERE {where} ORDER BY seq LIMIT ?", [*params, selection.limit]
+        f"SELECT * FROM {table} WHERE {where} ORDER BY seq LIMIT ?",
+        [*params, selection.limit],
     )
     names = [column[0] for column in result.description or []]
     rows = [dict(zip(names, row, strict=True)) for row in result.fetchall()]
@@ -155,7 +164,9 @@ def purge(store: Store, selection: Selection, *, dry_run: bool = False) -> int:
                 con.execute(f"DELETE FROM dead_letter WHERE {where}", params)
         return count
     if selection.last is None:
-        raise ConfigError("purging pending events needs --last SEQ: everything up to it is dropped")
+        raise ConfigError(
+            "purging pending events needs --last SEQ: everything up to it is dropped"
+        )
     edge = selection.edge if selection.queue == EDGE_QUEUE else None
     delivered = delivered_seq(store, selection.queue, edge)
     extra = " AND edge = ?" if edge else ""
@@ -171,7 +182,9 @@ def purge(store: Store, selection: Selection, *, dry_run: bool = False) -> int:
 
 
 def _count(store: Store, query: str, params: list[Any]) -> int:
-    row = store.read("counting events in", lambda con: con.execute(query, params).fetchone())
+    row = store.read(
+        "counting events in", lambda con: con.execute(query, params).fetchone()
+    )
     return int(row[0]) if row else 0
 
 

@@ -68,7 +68,13 @@ def open_service(config: RoleConfig) -> Service:
     writer.hooks.append(service.on_commit)
     writer.stats_hooks.append(lambda stats: _count(metrics, stats))
     _add_gauges(service)
-    logger.info("%s: chain %r from %s, data in %s", config.role, chain.name, chain_path, store.path)
+    logger.info(
+        "%s: chain %r from %s, data in %s",
+        config.role,
+        chain.name,
+        chain_path,
+        store.path,
+    )
     return service
 
 
@@ -108,7 +114,9 @@ def _add_gauges(service: Service) -> None:
     def totals() -> tuple[float, float, float]:
         stats = queue_stats(service.store, queue)
         depth = sum(s.pending for s in stats)
-        oldest = min((s.oldest_pending_ts for s in stats if s.oldest_pending_ts), default=None)
+        oldest = min(
+            (s.oldest_pending_ts for s in stats if s.oldest_pending_ts), default=None
+        )
         lag = (now_ms() - oldest) / 1000 if oldest else 0.0
         return depth, lag, sum(s.dead_letters for s in stats)
 
@@ -165,10 +173,16 @@ def _start_sync(
         )
         return None
     verify: bool | str = str(config.cloud_ca) if config.cloud_ca else True
-    client = CloudClient(config.cloud, str(config.edge_key), str(config.secret()), verify=verify)
+    client = CloudClient(
+        config.cloud, str(config.edge_key), str(config.secret()), verify=verify
+    )
     uplink = Uplink(
-        service.store, service.writer, client, service.metrics,
-        batch_size=config.batch_size, max_attempts=config.max_attempts,
+        service.store,
+        service.writer,
+        client,
+        service.metrics,
+        batch_size=config.batch_size,
+        max_attempts=config.max_attempts,
     )
     loop = asyncio.get_running_loop()
 
@@ -178,7 +192,11 @@ def _start_sync(
 
     service.writer.hooks.append(wake_uplink)
     downlink = Downlink(
-        service.store, service.writer, client, service.receiver, service.metrics,
+        service.store,
+        service.writer,
+        client,
+        service.receiver,
+        service.metrics,
         wait=config.poll_seconds,
     )
     tasks.append(asyncio.create_task(uplink.run(stop)))
@@ -187,7 +205,9 @@ def _start_sync(
     return client
 
 
-async def _expire_loop(config: RoleConfig, service: Service, stop: asyncio.Event) -> None:
+async def _expire_loop(
+    config: RoleConfig, service: Service, stop: asyncio.Event
+) -> None:
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), config.ttl_cleanup_seconds)

@@ -82,9 +82,7 @@ _UNSUPPORTED_REASONS = {
 # Calls that TBEL (MVEL, on Java objects) allows and JavaScript values lack even
 # with the TBEL prelude of edgectl.scripting: a TBEL script using them compiles
 # as JavaScript and then throws at run time.
-_JAVA_METHODS = re.compile(
-    r"\.(length|keySet|put|getOrDefault)\s*\("
-)
+_JAVA_METHODS = re.compile(r"\.(length|keySet|put|getOrDefault)\s*\(")
 
 
 class ThingsBoardImportError(EdgectlError):

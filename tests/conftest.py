@@ -69,13 +69,27 @@ class RoleProcess:
         port_file.unlink(missing_ok=True)
         listen = f"127.0.0.1:{self.port}" if self.port else "127.0.0.1:0"
         command = [
-            sys.executable, "-m", "edgectl", "run", "--role", self.role,
-            "--db", str(self.db), "--listen", listen, "--port-file", str(port_file),
+            sys.executable,
+            "-m",
+            "edgectl",
+            "run",
+            "--role",
+            self.role,
+            "--db",
+            str(self.db),
+            "--listen",
+            listen,
+            "--port-file",
+            str(port_file),
             *self.args,
         ]
         handle = self.log.open("ab")
         self.process = subprocess.Popen(
-            command, stdout=handle, stderr=subprocess.STDOUT, env=self.env, cwd=self.db.parent
+            command,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.db.parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -118,11 +132,20 @@ def roles(tmp_path: Path) -> Iterator[callable]:
     """Start edge and cloud processes; every one is stopped after the test."""
     started: list[RoleProcess] = []
 
-    def start(role: str, *args: str, name: str | None = None, env: dict[str, str] | None = None) -> RoleProcess:
+    def start(
+        role: str,
+        *args: str,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> RoleProcess:
         name = name or role
         environment = {**os.environ, **(env or {})}
         process = RoleProcess(
-            role, tmp_path / f"{name}.duckdb", list(args), environment, tmp_path / f"{name}.log"
+            role,
+            tmp_path / f"{name}.duckdb",
+            list(args),
+            environment,
+            tmp_path / f"{name}.log",
         )
         started.append(process)
         return process.start()
@@ -135,7 +158,9 @@ def roles(tmp_path: Path) -> Iterator[callable]:
             pass
 
 
-def wait_for(condition, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):
+def wait_for(
+    condition, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"
+):
     """Poll until ``condition()`` is truthy; returns its value or fails."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

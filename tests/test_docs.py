@@ -32,7 +32,11 @@ def test_every_edgectl_command_in_the_readme_exists():
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line.split("&&")[-1]) if "edgectl " in line else []
             if words and words[0].endswith("edgectl") and len(words) > 1:
-                path = [w for w in words[1:3] if not w.startswith("-") and "/" not in w and "." not in w]
+                path = [
+                    w
+                    for w in words[1:3]
+                    if not w.startswith("-") and "/" not in w and "." not in w
+                ]
                 commands.add(tuple(path))
     assert len(commands) >= 10
     for path in commands:
@@ -44,8 +48,21 @@ def test_the_quick_start_demo_shows_both_files_holding_the_same_rows(tmp_path):
     demo = BLOCKS[0].split("&&")[-1].split()
     assert demo[-1] == "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "edgectl", "demo", "--seconds", "3", "--outage", "1", "--dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "edgectl",
+            "demo",
+            "--seconds",
+            "3",
+            "--outage",
+            "1",
+            "--dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "edge and cloud hold the same rows." in result.stdout
@@ -54,29 +71,95 @@ def test_the_quick_start_demo_shows_both_files_holding_the_same_rows(tmp_path):
 
 def test_the_two_terminal_walkthrough(roles, tmp_path):
     cloud_db, edge_db = tmp_path / "cloud.duckdb", tmp_path / "edge.duckdb"
-    added = runner.invoke(app, ["edges", "add", "site-1", "--key", "site-1", "--secret", "s3cret", "--db", str(cloud_db)])
+    added = runner.invoke(
+        app,
+        [
+            "edges",
+            "add",
+            "site-1",
+            "--key",
+            "site-1",
+            "--secret",
+            "s3cret",
+            "--db",
+            str(cloud_db),
+        ],
+    )
     assert added.exit_code == 0 and "key: site-1" in added.output
     cloud = roles("cloud")
-    device = runner.invoke(app, ["devices", "add", "boiler", "--type", "thermometer", "--token", "BOILER_TOKEN", "--db", str(edge_db)])
+    device = runner.invoke(
+        app,
+        [
+            "devices",
+            "add",
+            "boiler",
+            "--type",
+            "thermometer",
+            "--token",
+            "BOILER_TOKEN",
+            "--db",
+            str(edge_db),
+        ],
+    )
     assert device.output.strip() == "BOILER_TOKEN"
-    edge = roles("edge", "--cloud", cloud.url, "--edge-key", "site-1", env={"EDGECTL_EDGE_SECRET": "s3cret"})
+    edge = roles(
+        "edge",
+        "--cloud",
+        cloud.url,
+        "--edge-key",
+        "site-1",
+        env={"EDGECTL_EDGE_SECRET": "s3cret"},
+    )
 
     base = f"{edge.url}/api/v1/BOILER_TOKEN"
-    assert httpx.post(f"{base}/telemetry", content='{"temperature": 21.5}').status_code == 200
+    assert (
+        httpx.post(f"{base}/telemetry", content='{"temperature": 21.5}').status_code
+        == 200
+    )
     series = '[{"ts": 1700000000000, "values": {"temperature": 20.0, "state": "idle"}}]'
     assert httpx.post(f"{base}/telemetry", content=series).status_code == 200
-    assert httpx.post(f"{base}/attributes", content='{"firmware": "1.2.3"}').status_code == 200
+    assert (
+        httpx.post(f"{base}/attributes", content='{"firmware": "1.2.3"}').status_code
+        == 200
+    )
 
     def cloud_has_three_readings():
-        shown = runner.invoke(app, ["inspect", "tables", "ts_kv", "--device", "boiler", "--url", cloud.url, "--json"])
+        shown = runner.invoke(
+            app,
+            [
+                "inspect",
+                "tables",
+                "ts_kv",
+                "--device",
+                "boiler",
+                "--url",
+                cloud.url,
+                "--json",
+            ],
+        )
         return shown.exit_code == 0 and shown.output.count('"key"') == 3
 
     wait_for(cloud_has_three_readings, what="readings on the cloud")
     overview = runner.invoke(app, ["inspect", "tables", "--url", cloud.url])
     assert overview.exit_code == 0 and "ts_kv" in overview.output
-    setting = runner.invoke(app, ["attributes", "set", "boiler", "setpoint=22", "--scope", "shared", "--url", cloud.url])
+    setting = runner.invoke(
+        app,
+        [
+            "attributes",
+            "set",
+            "boiler",
+            "setpoint=22",
+            "--scope",
+            "shared",
+            "--url",
+            cloud.url,
+        ],
+    )
     assert setting.exit_code == 0, setting.output
     wait_for(
-        lambda: httpx.get(f"{base}/attributes?sharedKeys=setpoint").json() == {"shared": {"setpoint": 22}},
+        lambda: (
+            httpx.get(f"{base}/attributes?sharedKeys=setpoint").json()
+            == {"shared": {"setpoint": 22}}
+        ),
         what="the shared attribute on the edge",
     )

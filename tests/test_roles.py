@@ -28,9 +28,18 @@ def add_device(edge, name: str, token: str, kind: str = "thermometer") -> None:
 def pair(roles):
     """A cloud with one registered edge, and that edge syncing to it."""
     cloud = roles("cloud")
-    remote.call(cloud.url, "POST", "/api/edgectl/edges", {"name": "site-1", "key": KEY, "secret": SECRET})
+    remote.call(
+        cloud.url,
+        "POST",
+        "/api/edgectl/edges",
+        {"name": "site-1", "key": KEY, "secret": SECRET},
+    )
     edge = roles(
-        "edge", "--cloud", cloud.url, "--edge-key", KEY,
+        "edge",
+        "--cloud",
+        cloud.url,
+        "--edge-key",
+        KEY,
         env={"EDGECTL_EDGE_SECRET": SECRET},
     )
     return cloud, edge
@@ -43,11 +52,30 @@ def post(edge, token: str, path: str, body) -> httpx.Response:
 def test_telemetry_and_attributes_reach_the_cloud_with_types_and_ts(pair):
     cloud, edge = pair
     add_device(edge, "boiler", "T-boiler")
-    readings = {"temp": 21.5, "count": 9007199254740993, "on": True, "code": "00042", "cfg": {"a": [1, 2]}}
-    assert post(edge, "T-boiler", "telemetry", {"ts": 1700000000000, "values": readings}).status_code == 200
-    assert post(edge, "T-boiler", "attributes", {"firmware": "1.2.3", "slot": 4}).status_code == 200
+    readings = {
+        "temp": 21.5,
+        "count": 9007199254740993,
+        "on": True,
+        "code": "00042",
+        "cfg": {"a": [1, 2]},
+    }
+    assert (
+        post(
+            edge, "T-boiler", "telemetry", {"ts": 1700000000000, "values": readings}
+        ).status_code
+        == 200
+    )
+    assert (
+        post(
+            edge, "T-boiler", "attributes", {"firmware": "1.2.3", "slot": 4}
+        ).status_code
+        == 200
+    )
 
-    rows = wait_for(lambda: len(cloud_rows(cloud, "ts_kv")) == 5 and cloud_rows(cloud, "ts_kv"), what="readings on the cloud")
+    rows = wait_for(
+        lambda: len(cloud_rows(cloud, "ts_kv")) == 5 and cloud_rows(cloud, "ts_kv"),
+        what="readings on the cloud",
+    )
     got = {row["key"]: (row["value"], row["type"], row["ts"]) for row in rows}
     assert got == {
         "temp": (21.5, "double", 1700000000000),
@@ -56,9 +84,12 @@ def test_telemetry_and_attributes_reach_the_cloud_with_types_and_ts(pair):
         "code": ("00042", "string", 1700000000000),
         "cfg": ({"a": [1, 2]}, "json", 1700000000000),
     }
-    attributes = wait_for(lambda: cloud_rows(cloud, "attribute_kv"), what="attributes on the cloud")
+    attributes = wait_for(
+        lambda: cloud_rows(cloud, "attribute_kv"), what="attributes on the cloud"
+    )
     assert {(a["key"], a["value"], a["scope"]) for a in attributes} == {
-        ("firmware", "1.2.3", "client"), ("slot", 4, "client")
+        ("firmware", "1.2.3", "client"),
+        ("slot", 4, "client"),
     }
     devices = remote.call(cloud.url, "GET", "/api/edgectl/devices")
     assert devices == [{"name": "boiler", "type": "thermometer", "edge": "site-1"}]
@@ -75,33 +106,66 @@ def test_readings_posted_while_the_cloud_is_down_arrive_once_in_order(pair):
     assert queued["pending"] >= 100
 
     cloud.start()
-    rows = wait_for(lambda: len(cloud_rows(cloud, "ts_kv")) >= 100 and cloud_rows(cloud, "ts_kv"), what="the backlog")
+    rows = wait_for(
+        lambda: len(cloud_rows(cloud, "ts_kv")) >= 100 and cloud_rows(cloud, "ts_kv"),
+        what="the backlog",
+    )
     assert len(rows) == 100
     oldest_first = sorted(rows, key=lambda row: row["ts"])
     assert [row["value"] for row in oldest_first] == list(range(100))
-    wait_for(lambda: remote.call(edge.url, "GET", "/api/edgectl/tables")["queues"][0]["pending"] == 0, what="an empty queue")
+    wait_for(
+        lambda: (
+            remote.call(edge.url, "GET", "/api/edgectl/tables")["queues"][0]["pending"]
+            == 0
+        ),
+        what="an empty queue",
+    )
 
 
 def test_edge_started_while_the_cloud_is_down_drains_when_it_comes_up(roles):
     cloud = roles("cloud")
-    remote.call(cloud.url, "POST", "/api/edgectl/edges", {"name": "site-1", "key": KEY, "secret": SECRET})
+    remote.call(
+        cloud.url,
+        "POST",
+        "/api/edgectl/edges",
+        {"name": "site-1", "key": KEY, "secret": SECRET},
+    )
     cloud.stop()
-    edge = roles("edge", "--cloud", cloud.url, "--edge-key", KEY, env={"EDGECTL_EDGE_SECRET": SECRET})
+    edge = roles(
+        "edge",
+        "--cloud",
+        cloud.url,
+        "--edge-key",
+        KEY,
+        env={"EDGECTL_EDGE_SECRET": SECRET},
+    )
     add_device(edge, "late", "T-late")
     for number in range(10):
         assert post(edge, "T-late", "telemetry", {"n": number}).status_code == 200
     cloud.start()
-    wait_for(lambda: len(cloud_rows(cloud, "ts_kv")) == 10, timeout=40, what="the queue to drain")
+    wait_for(
+        lambda: len(cloud_rows(cloud, "ts_kv")) == 10,
+        timeout=40,
+        what="the queue to drain",
+    )
 
 
-def test_shared_attribute_set_on_the_cloud_reaches_the_edge_and_wakes_the_long_poll_once(pair):
+def test_shared_attribute_set_on_the_cloud_reaches_the_edge_and_wakes_the_long_poll_once(
+    pair,
+):
     cloud, edge = pair
     add_device(edge, "valve", "T-valve")
-    wait_for(lambda: remote.call(cloud.url, "GET", "/api/edgectl/devices"), what="the device on the cloud")
+    wait_for(
+        lambda: remote.call(cloud.url, "GET", "/api/edgectl/devices"),
+        what="the device on the cloud",
+    )
     answers: list[httpx.Response] = []
     poller = threading.Thread(
         target=lambda: answers.append(
-            httpx.get(f"{edge.url}/api/v1/T-valve/attributes/updates?timeout=20000", timeout=30)
+            httpx.get(
+                f"{edge.url}/api/v1/T-valve/attributes/updates?timeout=20000",
+                timeout=30,
+            )
         )
     )
     poller.start()
@@ -112,11 +176,15 @@ def test_shared_attribute_set_on_the_cloud_reaches_the_edge_and_wakes_the_long_p
 
     assert [a.status_code for a in answers] == [200]
     assert answers[0].json() == {"setpoint": 42, "mode": "eco"}
-    shared = httpx.get(f"{edge.url}/api/v1/T-valve/attributes?sharedKeys=setpoint,mode").json()
+    shared = httpx.get(
+        f"{edge.url}/api/v1/T-valve/attributes?sharedKeys=setpoint,mode"
+    ).json()
     assert shared == {"shared": {"setpoint": 42, "mode": "eco"}}
     # Not echoed back: the edge's queue holds only the device's creation.
     assert edge_dead_and_pending(edge) == (0, 0)
-    quiet = httpx.get(f"{edge.url}/api/v1/T-valve/attributes/updates?timeout=500", timeout=5)
+    quiet = httpx.get(
+        f"{edge.url}/api/v1/T-valve/attributes/updates?timeout=500", timeout=5
+    )
     assert quiet.status_code == 408
 
 
@@ -127,29 +195,64 @@ def edge_dead_and_pending(edge) -> tuple[int, int]:
 
 def uplink(cloud, events, *, secret=SECRET, after=0, instance="abcdef0123456789"):
     body = {"instance": instance, "after": after, "events": events}
-    return httpx.post(f"{cloud.url}/api/edge/v1/uplink", json=body, auth=(KEY, secret), timeout=10)
+    return httpx.post(
+        f"{cloud.url}/api/edge/v1/uplink", json=body, auth=(KEY, secret), timeout=10
+    )
 
 
 def test_a_batch_sent_twice_is_applied_once(roles):
     cloud = roles("cloud")
-    remote.call(cloud.url, "POST", "/api/edgectl/edges", {"name": "site-1", "key": KEY, "secret": SECRET})
+    remote.call(
+        cloud.url,
+        "POST",
+        "/api/edgectl/edges",
+        {"name": "site-1", "key": KEY, "secret": SECRET},
+    )
     events = [
-        {"seq": 1, "action": "ENTITY_CREATED", "entity_type": "DEVICE", "entity_name": "pump", "ts": 0, "body": {"type": "pump"}},
-        {"seq": 2, "action": "TIMESERIES_UPDATED", "entity_type": "DEVICE", "entity_name": "pump", "ts": 5, "body": {"data": {"rpm": 1200}, "ts": 5}},
-        {"seq": 3, "action": "ATTRIBUTES_UPDATED", "entity_type": "DEVICE", "entity_name": "pump", "ts": 6, "body": {"kv": {"mode": "auto"}, "ts": 6, "scope": "server"}},
+        {
+            "seq": 1,
+            "action": "ENTITY_CREATED",
+            "entity_type": "DEVICE",
+            "entity_name": "pump",
+            "ts": 0,
+            "body": {"type": "pump"},
+        },
+        {
+            "seq": 2,
+            "action": "TIMESERIES_UPDATED",
+            "entity_type": "DEVICE",
+            "entity_name": "pump",
+            "ts": 5,
+            "body": {"data": {"rpm": 1200}, "ts": 5},
+        },
+        {
+            "seq": 3,
+            "action": "ATTRIBUTES_UPDATED",
+            "entity_type": "DEVICE",
+            "entity_name": "pump",
+            "ts": 6,
+            "body": {"kv": {"mode": "auto"}, "ts": 6, "scope": "server"},
+        },
     ]
     first, again = uplink(cloud, events), uplink(cloud, events)
 
     assert first.json() == {"applied_through": 3, "rejected": None}
     assert again.json() == {"applied_through": 3, "rejected": None}
-    assert [(r["key"], r["value"]) for r in cloud_rows(cloud, "ts_kv")] == [("rpm", 1200)]
+    assert [(r["key"], r["value"]) for r in cloud_rows(cloud, "ts_kv")] == [
+        ("rpm", 1200)
+    ]
     metrics = httpx.get(f"{cloud.url}/metrics").text
     assert 'edgectl_events_received_total{role="cloud"} 3' in metrics
 
 
 def test_wrong_edge_secret_is_refused_with_401(roles):
     cloud = roles("cloud")
-    remote.call(cloud.url, "POST", "/api/edgectl/edges", {"name": "site-1", "key": KEY, "secret": SECRET})
+    remote.call(
+        cloud.url,
+        "POST",
+        "/api/edgectl/edges",
+        {"name": "site-1", "key": KEY, "secret": SECRET},
+    )
     answer = uplink(cloud, [], secret="not-the-secret")
     assert answer.status_code == 401
     assert answer.json() == {"error": "wrong edge key or secret"}
@@ -181,13 +284,37 @@ def test_a_poison_event_is_dead_lettered_while_the_rest_flow(roles, tmp_path):
     chain = tmp_path / "cloud-chain.yaml"
     chain.write_text(POISON_CLOUD_CHAIN)
     cloud = roles("cloud", "--chain", str(chain))
-    remote.call(cloud.url, "POST", "/api/edgectl/edges", {"name": "site-1", "key": KEY, "secret": SECRET})
-    edge = roles("edge", "--cloud", cloud.url, "--edge-key", KEY, env={"EDGECTL_EDGE_SECRET": SECRET})
+    remote.call(
+        cloud.url,
+        "POST",
+        "/api/edgectl/edges",
+        {"name": "site-1", "key": KEY, "secret": SECRET},
+    )
+    edge = roles(
+        "edge",
+        "--cloud",
+        cloud.url,
+        "--edge-key",
+        KEY,
+        env={"EDGECTL_EDGE_SECRET": SECRET},
+    )
     add_device(edge, "probe", "T-probe")
     for number in range(10):
-        assert post(edge, "T-probe", "telemetry", {"ts": 1000 + number, "values": {"n": number}}).status_code == 200
+        assert (
+            post(
+                edge,
+                "T-probe",
+                "telemetry",
+                {"ts": 1000 + number, "values": {"n": number}},
+            ).status_code
+            == 200
+        )
 
-    rows = wait_for(lambda: len(cloud_rows(cloud, "ts_kv")) == 9 and cloud_rows(cloud, "ts_kv"), timeout=40, what="the rest to flow")
+    rows = wait_for(
+        lambda: len(cloud_rows(cloud, "ts_kv")) == 9 and cloud_rows(cloud, "ts_kv"),
+        timeout=40,
+        what="the rest to flow",
+    )
     assert sorted(row["value"] for row in rows) == [0, 1, 2, 3, 4, 6, 7, 8, 9]
     dead = remote.call(edge.url, "POST", "/api/edgectl/replay/list", {"state": "dead"})
     assert len(dead) == 1
@@ -231,7 +358,10 @@ def test_a_role_still_stops_on_sigterm_after_a_script_timed_out(roles, tmp_path)
 def test_attributes_changed_on_both_sides_while_apart_converge_on_the_newest(pair):
     cloud, edge = pair
     add_device(edge, "heater", "T-heater")
-    wait_for(lambda: remote.call(cloud.url, "GET", "/api/edgectl/devices"), what="the device on the cloud")
+    wait_for(
+        lambda: remote.call(cloud.url, "GET", "/api/edgectl/devices"),
+        what="the device on the cloud",
+    )
     path = "/api/plugins/telemetry/DEVICE/heater/attributes/SHARED_SCOPE"
 
     cloud.stop()
@@ -243,11 +373,19 @@ def test_attributes_changed_on_both_sides_while_apart_converge_on_the_newest(pai
     edge.start()
 
     def both_hold(value):
-        on_edge = httpx.get(f"{edge.url}/api/v1/T-heater/attributes?sharedKeys=mode").json()
+        on_edge = httpx.get(
+            f"{edge.url}/api/v1/T-heater/attributes?sharedKeys=mode"
+        ).json()
         on_cloud = cloud_rows(cloud, "attribute_kv", device="heater", key="mode")
-        return on_edge == {"shared": {"mode": value}} and [r["value"] for r in on_cloud] == [value]
+        return on_edge == {"shared": {"mode": value}} and [
+            r["value"] for r in on_cloud
+        ] == [value]
 
-    wait_for(lambda: both_hold("set-on-cloud-later"), timeout=40, what="both sides to converge")
+    wait_for(
+        lambda: both_hold("set-on-cloud-later"),
+        timeout=40,
+        what="both sides to converge",
+    )
     assert edge_dead_and_pending(edge) == (0, 0)
 
 
@@ -255,20 +393,42 @@ def test_resend_sends_kept_delivered_events_again_and_the_cloud_applies_them_onc
     roles, tmp_path
 ):
     cloud = roles("cloud")
-    remote.call(cloud.url, "POST", "/api/edgectl/edges", {"name": "site-1", "key": KEY, "secret": SECRET})
+    remote.call(
+        cloud.url,
+        "POST",
+        "/api/edgectl/edges",
+        {"name": "site-1", "key": KEY, "secret": SECRET},
+    )
     settings = tmp_path / "edge.yaml"
     settings.write_text("keep_delivered_seconds: 3600\n")
     edge = roles(
-        "edge", "--config", str(settings), "--cloud", cloud.url, "--edge-key", KEY,
+        "edge",
+        "--config",
+        str(settings),
+        "--cloud",
+        cloud.url,
+        "--edge-key",
+        KEY,
         env={"EDGECTL_EDGE_SECRET": SECRET},
     )
     add_device(edge, "logger", "T-logger")
     for number in range(5):
-        assert post(edge, "T-logger", "telemetry", {"ts": 1000 + number, "values": {"n": number}}).status_code == 200
+        assert (
+            post(
+                edge,
+                "T-logger",
+                "telemetry",
+                {"ts": 1000 + number, "values": {"n": number}},
+            ).status_code
+            == 200
+        )
     wait_for(lambda: len(cloud_rows(cloud, "ts_kv")) == 5, what="five readings")
     wait_for(lambda: edge_dead_and_pending(edge) == (0, 0), what="all delivered")
-    kept = remote.call(edge.url, "POST", "/api/edgectl/replay/list", {"state": "delivered"})
+    kept = remote.call(
+        edge.url, "POST", "/api/edgectl/replay/list", {"state": "delivered"}
+    )
     assert [event["seq"] for event in kept] == [1, 2, 3, 4, 5, 6]
+
     def sent_by_edge() -> float:
         for line in httpx.get(f"{edge.url}/metrics").text.splitlines():
             if line.startswith("edgectl_events_sent_total"):
@@ -276,7 +436,12 @@ def test_resend_sends_kept_delivered_events_again_and_the_cloud_applies_them_onc
         return 0.0
 
     sent_before = sent_by_edge()
-    answer = remote.call(edge.url, "POST", "/api/edgectl/replay/resend", {"state": "delivered", "first": 2})
+    answer = remote.call(
+        edge.url,
+        "POST",
+        "/api/edgectl/replay/resend",
+        {"state": "delivered", "first": 2},
+    )
 
     assert answer == {"count": 5, "dry_run": False}
     wait_for(lambda: edge_dead_and_pending(edge) == (0, 0), what="the resend to finish")
@@ -284,5 +449,7 @@ def test_resend_sends_kept_delivered_events_again_and_the_cloud_applies_them_onc
     metrics = httpx.get(f"{cloud.url}/metrics").text
     assert 'edgectl_events_received_total{role="cloud"} 6' in metrics
     assert sent_by_edge() == sent_before + 5
-    again = remote.call(edge.url, "POST", "/api/edgectl/replay/list", {"state": "delivered"})
+    again = remote.call(
+        edge.url, "POST", "/api/edgectl/replay/list", {"state": "delivered"}
+    )
     assert [event["seq"] for event in again] == [1, 2, 3, 4, 5, 6]

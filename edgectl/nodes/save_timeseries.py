@@ -44,7 +44,12 @@ class SaveTimeseries(BaseNode):
             for reading_ts, key, typed in readings:
                 expires = reading_ts + ttl * 1000 if ttl else None
                 run.changes.add_reading(
-                    message.originator, key, reading_ts, typed, expires, keep_latest,
+                    message.originator,
+                    key,
+                    reading_ts,
+                    typed,
+                    expires,
+                    keep_latest,
                     message.order,
                 )
             yield message, (SUCCESS,)
