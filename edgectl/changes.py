@@ -128,7 +128,7 @@ class ChangeSet:
         if len(keep) == len(self.ts):
             return
         for column in columns:
-            column[:] = [column[index] for index in keep]
+            column[:] = [column[index] for index in keep]  # type: ignore[misc]
 
     def set_attribute(
         self, entity: EntityRef, scope: str, key: str, value: AttributeValue

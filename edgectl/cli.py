@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.logging import RichHandler
 
 from edgectl import __version__
 from edgectl.errors import EdgectlError
+
+if TYPE_CHECKING:
+    from edgectl.storage import Store
 
 app = typer.Typer(
     help="Keep IoT telemetry in sync between edge sites and a cloud, "
@@ -121,14 +124,17 @@ UrlOption = Annotated[
 def _one_target(db: Path | None, url: str | None) -> None:
     if (db is None) == (url is None):
         fail(
-            "give exactly one of --db PATH (a stopped file) or --url URL (a running role)"
+            "give exactly one of --db PATH (a stopped file) "
+            "or --url URL (a running role)"
         )
 
 
-def open_store(db: Path, *, create: bool = False) -> Any:
+def open_store(db: Path | None, *, create: bool = False) -> Store:
     """Open a stopped role's file; only ``create`` allows a new one."""
     from edgectl.storage import Store
 
+    if db is None:
+        fail("give --db PATH (a stopped file) or --url URL (a running role)")
     if not create and not db.exists():
         fail(f"{db} does not exist; give the --db of an edge or cloud")
     return Store(db)
@@ -210,7 +216,7 @@ def devices_add(
         answer = remote.call(url, "POST", "/api/edgectl/devices", body)
         device_token, created = answer["token"], answer["created"]
     else:
-        store = open_store(db, create=True) if db else None
+        store = open_store(db, create=True)
         device, created = register_device(store, name, type=type, token=token)
         device_token = device.token
         store.close()
@@ -249,7 +255,7 @@ def edges_add(
             answer["created"],
         )
     else:
-        store = open_store(db, create=True) if db else None
+        store = open_store(db, create=True)
         edge, created = register_edge(store, name, key=key, secret=secret)
         edge_key, edge_secret = edge.routing_key, edge.secret
         store.close()
@@ -315,7 +321,7 @@ def inspect_tables(
         params = {k: v for k, v in vars_of(where).items() if v is not None}
         data = remote.call(url, "GET", path, params=params if table else None)
     else:
-        store = open_store(db) if db else None
+        store = open_store(db)
         try:
             data = rows(store, table, where) if table else overview(store)
         finally:
@@ -464,7 +470,7 @@ def _replay(
     if url:
         body = {**vars_of(selection), "dry_run": dry_run}
         return remote.call(url, "POST", f"/api/edgectl/replay/{action}", body)
-    store = open_store(db) if db else None
+    store = open_store(db)
     try:
         if action == "list":
             return replay.list_events(store, selection)

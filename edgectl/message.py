@@ -97,7 +97,7 @@ def normalize_scope(value: str) -> str | None:
 
 
 def thingsboard_scope(scope: str) -> str:
-    """Return ThingsBoard's name for an edgectl scope (``client`` → ``CLIENT_SCOPE``)."""
+    """ThingsBoard's name for an edgectl scope: ``client`` → ``CLIENT_SCOPE``."""
     return f"{scope.upper()}_SCOPE"
 
 

@@ -53,7 +53,8 @@ class Selection:
 
 
 def _where(selection: Selection, dead: bool) -> tuple[str, list[Any]]:
-    clauses, params = ["TRUE"], []
+    clauses: list[str] = ["TRUE"]
+    params: list[Any] = []
     if dead:
         clauses.append("queue = ?")
         params.append(selection.queue)

@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -216,9 +217,7 @@ async def _expire_loop(
         if service.store.keep_delivered_ms:
             cutoff = now_ms() - service.store.keep_delivered_ms
             await asyncio.wrap_future(
-                service.writer.call(
-                    lambda before=cutoff: prune_delivered(service.store, before)
-                )
+                service.writer.call(partial(prune_delivered, service.store, cutoff))
             )
         try:
             removed = await asyncio.wrap_future(

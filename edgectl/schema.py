@@ -14,7 +14,10 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from jsonschema import Draft202012Validator, ValidationError
+from jsonschema import (  # type: ignore[import-untyped]  # ships no type hints
+    Draft202012Validator,
+    ValidationError,
+)
 
 from edgectl.loader import Document, PathItem, Problem, format_path
 from edgectl.registry import NODE_TYPES
@@ -195,7 +198,7 @@ def _article(kind: Any) -> str:
         "number": "a number",
     }
     if isinstance(kind, list):
-        return " or ".join(names.get(k, k) for k in kind)
+        return " or ".join(names.get(str(k), str(k)) for k in kind)
     return names.get(str(kind), str(kind))
 
 

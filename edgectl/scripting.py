@@ -130,15 +130,20 @@ _TBEL_PRELUDE: Final = r"""
 (function () {
   function add(proto, name, fn) {
     if (!Object.prototype.hasOwnProperty.call(proto, name)) {
-      Object.defineProperty(proto, name, {value: fn, writable: true, configurable: true});
+      Object.defineProperty(
+        proto, name, {value: fn, writable: true, configurable: true});
     }
   }
-  add(String.prototype, "equals", function (o) { return o != null && String(this) === String(o); });
+  add(String.prototype, "equals", function (o) {
+    return o != null && String(this) === String(o);
+  });
   add(String.prototype, "equalsIgnoreCase", function (o) {
     return o != null && String(this).toLowerCase() === String(o).toLowerCase();
   });
   add(String.prototype, "isEmpty", function () { return this.length === 0; });
-  add(String.prototype, "contains", function (o) { return String(this).includes(String(o)); });
+  add(String.prototype, "contains", function (o) {
+    return String(this).includes(String(o));
+  });
   add(Array.prototype, "isEmpty", function () { return this.length === 0; });
   add(Array.prototype, "size", function () { return this.length; });
   add(Array.prototype, "get", function (i) { return this[i]; });

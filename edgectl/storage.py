@@ -72,7 +72,9 @@ _TABLES = {
     "queue_cursor": "queue VARCHAR, edge VARCHAR, delivered_seq BIGINT",
     # Delivered events kept for ``keep_delivered_seconds``, so a range can be
     # sent again; empty unless that setting is on.
-    "delivered_event": f"queue VARCHAR, edge VARCHAR, {_EVENT_COLUMNS}, delivered_ts BIGINT",
+    "delivered_event": (
+        f"queue VARCHAR, edge VARCHAR, {_EVENT_COLUMNS}, delivered_ts BIGINT"
+    ),
     "sync_applied": "peer VARCHAR, applied_seq BIGINT",
 }
 
@@ -710,7 +712,8 @@ class _BatchWriter:
         # An older reading never replaces a newer latest value; an equal ts does,
         # and within the batch the last to arrive wins among equals.
         changes = self.changes
-        ts, chosen = changes.ts, {}
+        ts = changes.ts
+        chosen: dict[tuple[int, int], int] = {}
         for index, pair in enumerate(pairs):
             if changes.latest[index]:
                 best = chosen.get(pair)

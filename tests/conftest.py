@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -152,10 +153,8 @@ def roles(tmp_path: Path) -> Iterator[callable]:
 
     yield start
     for process in started:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.stop()
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def wait_for(

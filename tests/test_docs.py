@@ -1,4 +1,4 @@
-"""The README's commands work: the quick start, the walk-through, every command named."""
+"""The README's commands work: quick start, walk-through, every command named."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import httpx
-from typer.testing import CliRunner
-
 from conftest import REPO, wait_for
+from typer.testing import CliRunner
 
 from edgectl.cli import app
 

@@ -6,7 +6,6 @@ import threading
 
 import httpx
 import pytest
-
 from conftest import wait_for
 
 from edgectl import remote
@@ -150,7 +149,7 @@ def test_edge_started_while_the_cloud_is_down_drains_when_it_comes_up(roles):
     )
 
 
-def test_shared_attribute_set_on_the_cloud_reaches_the_edge_and_wakes_the_long_poll_once(
+def test_shared_attribute_from_the_cloud_reaches_the_edge_and_wakes_its_poll_once(
     pair,
 ):
     cloud, edge = pair

@@ -114,7 +114,7 @@ def _transformed(message: Message, result: dict[str, Any]) -> Message:
     metadata = result.get("metadata")
     return message.derive(
         str(result.get("msgType") or message.type),
-        result["msg"] if "msg" in result else message.data,
+        result.get("msg", message.data),
         _string_map(metadata) if isinstance(metadata, dict) else dict(message.metadata),
     )
 

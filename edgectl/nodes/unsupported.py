@@ -24,6 +24,9 @@ class Unsupported(BaseNode):
 
     def process(self, batch: list[Message], run: Run) -> Iterator[Routed]:
         kind = self.config.get("thingsboard_type", "this node type")
-        reason = f"{kind} is not supported by edgectl; node '{self.spec.id}' is a placeholder"
+        reason = (
+            f"{kind} is not supported by edgectl; "
+            f"node '{self.spec.id}' is a placeholder"
+        )
         for message in batch:
             yield fail(message, reason)
