@@ -65,7 +65,7 @@ from typing import Any
 from .load import BASE_TS, DeviceRecord, Load
 from .pair import Role, call, edge_queue, file_bytes
 from .proxy import Proxy
-from .scenarios import LONG, SCENARIOS, SHORT, Run, Scale, Scenario
+from .scenarios import LONG, SCENARIOS, SHORT, Run, Scale, Scenario, refusals
 
 EDGE_KEY, EDGE_SECRET = "fault-edge-key", "fault-edge-secret"
 POISON_ERROR = "is poison"
@@ -356,6 +356,10 @@ def _exercise(run: Run, scenario: Scenario, result: Result) -> None:
         if run.proxy.counts[what]:
             result.notes[f"{what}: {run.proxy.counts[what]} requests"] += 1
     result.measures.update(run.measures)
+    result.problems += run.problems
+    refused = refusals(run.load)
+    if refused:
+        result.notes[f"edge answered 503 to {refused} requests"] += 1
     if scenario.measure_file:
         run.edge.stop()
         result.measures["drained bytes"] = file_bytes(run.edge.db)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import signal
 import subprocess
 import sys
@@ -50,6 +51,7 @@ class Role:
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 cwd=self.folder,
+                preexec_fn=_ignore_file_size_signal,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -82,9 +84,28 @@ class Role:
             message = f"{self.role} did not stop on signal {sig}; see {self.log}"
             raise RuntimeError(message) from None
 
+    def limit_file_size(self, size: int | None) -> None:
+        """Let the process write no file past ``size`` bytes (None: no limit).
+
+        Writes past it fail with EFBIG, as on a full disk: DuckDB's commit
+        fails with "File too large". The limit is RLIMIT_FSIZE, changed on
+        the running process with prlimit(2).
+        """
+        assert self.process is not None
+        limit = resource.RLIM_INFINITY if size is None else size
+        resource.prlimit(
+            self.process.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY)
+        )
+
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+
+def _ignore_file_size_signal() -> None:
+    # Past RLIMIT_FSIZE the kernel sends SIGXFSZ, which kills by default; a
+    # process that ignores it sees the write fail instead, as on a full disk.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
 def _healthy(url: str) -> bool:

@@ -67,6 +67,7 @@ class Run:
     load: Load | None = None
     notes: Counter[str] = field(default_factory=Counter)
     measures: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
 
     def at(self, fraction: float) -> None:
         """Sleep until ``fraction`` of the load's duration has passed."""
@@ -97,7 +98,8 @@ class Run:
             self.proxy.set_mode("pass")
         else:
             action()
-        self.proxy.uplink_forwarded.wait(60)
+        if not self.proxy.uplink_forwarded.wait(60):
+            self.problems.append("the edge sent nothing for 60 s after a fault ended")
         waited = time.monotonic() - healed
         self.measures["resume s"] = max(self.measures.get("resume s", 0.0), waited)
 
@@ -222,6 +224,32 @@ def body_limit(run: Run) -> None:
     run.notes["bodies over 2 KiB refused"] += 1
 
 
+def disk_full(run: Run) -> None:
+    """The edge's disk fills: no file may grow more than 4 KiB past what the WAL
+    holds now, so commits fail and devices get 503 (and post the same readings
+    again). Space comes back a while after the first 503; later the edge is
+    killed and restarted, so it replays a WAL that saw failed commits."""
+    assert run.load is not None
+    run.at(run.draw(0.1, 0.3))
+    wal = run.edge.db.with_name(run.edge.db.name + ".wal")
+    run.edge.limit_file_size((wal.stat().st_size if wal.exists() else 0) + 4096)
+    deadline = time.monotonic() + 0.4 * run.scale.duration
+    while time.monotonic() < deadline and not refusals(run.load):
+        time.sleep(0.02)
+    time.sleep(run.draw(0.1, 0.2) * run.scale.duration)
+    run.heal(lambda: run.edge.limit_file_size(None))
+    run.notes["disk full"] += 1
+    run.at(run.draw(0.6, 0.8))
+    run.edge.kill()
+    run.heal(run.edge.start)
+    run.notes["edge killed"] += 1
+
+
+def refusals(load: Load) -> int:
+    """How many requests the edge answered 503 so far."""
+    return sum(record.statuses["503"] for record in load.records)
+
+
 SCENARIOS = {
     scenario.name: scenario
     for scenario in (
@@ -235,6 +263,7 @@ SCENARIOS = {
         Scenario("clock", clock),
         Scenario("poison-mid-batch", poison_in_batch, poison_at=(0.35, 0.5)),
         Scenario("outage", outage, edge_chain=EDGE_PUSH_ONLY_CHAIN, measure_file=True),
+        Scenario("disk-full", disk_full),
         Scenario("body-limit", body_limit, lasting=True),
         Scenario("garbage-200", flaky("garbage", (0.5, 1.0))),
     )
