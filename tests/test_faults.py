@@ -44,10 +44,8 @@ def table(request):
     results = []
     yield results
     plugins = request.config.pluginmanager
-    reporter, capture = (
-        plugins.get_plugin("terminalreporter"),
-        plugins.get_plugin("capturemanager"),
-    )
+    reporter = plugins.get_plugin("terminalreporter")
+    capture = plugins.get_plugin("capturemanager")
     if reporter is None or capture is None or not results:
         return
     # Teardown output is captured; the table is for the reader, so it goes
@@ -202,7 +200,7 @@ def test_an_event_too_large_for_the_cloud_alone_is_dead_lettered_and_the_rest_fl
         edge.stop()
         cloud.stop()
 
-    assert sorted(row["value"] for row in rows) == [0, 2]
+    assert sorted(reading["value"] for reading in rows) == [0, 2]
     assert [(letter["attempts"], '"n":1' in letter["body"]) for letter in dead] == [
         (3, True)
     ]

@@ -3,7 +3,22 @@
 A scenario is a function of a ``Run``; it sleeps until chosen fractions of the
 load's duration (``Run.at``), draws every time and length from the run's seeded
 generator (``Run.draw``), acts on the proxy or the processes, and writes what
-it did into ``Run.notes`` for the table.
+it did into ``Run.notes`` for the table. After each fault it measures how long
+the edge takes to send again (``Run.heal``, the table's "resume s").
+
+- edge-kill: SIGKILL the edge while devices post, some while a batch is in
+  flight or its answer is held after the cloud committed; restart on the same
+  file and port.
+- cloud-kill: SIGKILL the cloud just after a large batch reached it.
+- refuse, 503, 429, blackhole, cut-after-commit: the link misbehaves.
+- clock: the edge's clock frozen, then stepped back a minute, while events
+  queue behind a refusing link.
+- poison-mid-batch: the poison reading inside the batch that drains a backlog.
+- outage: a long outage, a large backlog, recovery while devices post; the
+  edge file's size is measured before, at the peak and after the drain.
+- disk-full: the edge's files may not grow (commits fail, devices get 503).
+- body-limit: a proxy refuses bodies over 2 KiB with 413, for good.
+- garbage-200: something answers 200 with an HTML page instead of the cloud.
 """
 
 from __future__ import annotations
