@@ -39,6 +39,20 @@ class Role:
 
     def start(self, timeout: float = 30.0) -> Role:
         """Start and wait until /healthz answers."""
+        port_file = self.launch()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                raise RuntimeError(f"{self.role} exited early; see {self.log}")
+            if port_file.exists() and port_file.read_text().strip():
+                self.port = int(port_file.read_text())
+                if _healthy(self.url):
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.role} did not start in {timeout} s; see {self.log}")
+
+    def launch(self) -> Path:
+        """Start the process without waiting; returns the file its port goes to."""
         port_file = self.folder / f"{self.role}.port"
         port_file.unlink(missing_ok=True)
         command = [sys.executable, "-m", "edgectl", "run", "--role", self.role]
@@ -53,16 +67,7 @@ class Role:
                 cwd=self.folder,
                 preexec_fn=_ignore_file_size_signal,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.role} exited early; see {self.log}")
-            if port_file.exists() and port_file.read_text().strip():
-                self.port = int(port_file.read_text())
-                if _healthy(self.url):
-                    return self
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.role} did not start in {timeout} s; see {self.log}")
+        return port_file
 
     def kill(self) -> None:
         """SIGKILL, as a crash or a power cut of the process would leave it."""

@@ -7,8 +7,8 @@ it did into ``Run.notes`` for the table. After each fault it measures how long
 the edge takes to send again (``Run.heal``, the table's "resume s").
 
 - edge-kill: SIGKILL the edge while devices post, some while a batch is in
-  flight or its answer is held after the cloud committed; restart on the same
-  file and port.
+  flight or its answer is held after the cloud committed, one (from the third
+  kill on) while it starts again; restart on the same file and port.
 - cloud-kill: SIGKILL the cloud just after a large batch reached it.
 - refuse, 503, 429, blackhole, cut-after-commit: the link misbehaves.
 - clock: the edge's clock frozen, then stepped back a minute, while events
@@ -156,6 +156,12 @@ def kill_edge(run: Run) -> None:
             run.notes["edge killed"] += 1
         time.sleep(run.draw(0.1, 0.8))
         run.proxy.delay = 0.0
+        if index == 2:
+            # Killed again while it opens its file and replays its WAL.
+            run.edge.launch()
+            time.sleep(run.draw(0.2, 1.5))
+            run.edge.kill()
+            run.notes["edge killed while starting"] += 1
         run.heal(run.edge.start)
 
 
