@@ -448,7 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for name in names:
         for seed in range(options.first_seed, options.first_seed + seeds):
-            result = run_one(SCENARIOS[name], seed, scale, root / f"{name}-{seed}")
+            folder = root / f"{name}-{seed}"
+            try:
+                result = run_one(SCENARIOS[name], seed, scale, folder)
+            except Exception as error:  # one broken run, not all of them
+                result = Result(name, seed, folder=folder)
+                result.problems.append(f"the run broke: {error!r}")
             print(row(result), flush=True)
             if result.ok and options.keep is None:
                 shutil.rmtree(root / f"{name}-{seed}", ignore_errors=True)

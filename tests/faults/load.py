@@ -99,7 +99,7 @@ class Load:
     def _run(self) -> None:
         try:
             asyncio.run(self._all())
-        except BaseException as error:  # noqa: BLE001 - handed to join()
+        except BaseException as error:  # handed to join()
             self.error = error
 
     async def _all(self) -> None:
