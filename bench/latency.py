@@ -53,7 +53,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--devices", type=int, default=DEVICES)
     options = parser.parse_args()
+    globals()["DEVICES"] = options.devices
     folder = Path(tempfile.mkdtemp(prefix="edgectl-bench-latency-"))
     run_cli = [sys.executable, "-m", "edgectl"]
     subprocess.run([*run_cli, "edges", "add", "lat", "--key", "lat", "--secret", "lat", "--db", str(folder / "cloud.duckdb")], check=True, capture_output=True)
