@@ -37,10 +37,12 @@ A device never re-posts a reading that might have been stored (see
 whose answer was lost ("unknown") are not counted missing when absent, but any
 that arrive are checked for duplicates and order like the rest.
 
-The poison: one device posts one reading with ``"poison": 1``; the cloud
-chain's filter throws for it, so the cloud rejects that event for good. It
-must end in the edge's dead letters with the filter's error, and never appear
-on the cloud.
+The poison: the first device posts a reading with ``"poison": 1`` (and, if the
+edge's answer to it was lost, another with the next number, until one is
+accepted); the cloud chain's filter throws for it, so the cloud rejects that
+event for good, in the middle of whatever batch carries it. An accepted
+poison must end in the edge's dead letters exactly once with the filter's
+error, one whose answer was lost at most once, and none may reach the cloud.
 
 Expected in every run: missing 0, duplicated 0, out of order 0 per device, the
 poison (when the edge accepted it) dead-lettered with its error and nothing
