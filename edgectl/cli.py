@@ -488,6 +488,11 @@ def _replay(
         store.close()
 
 
+def _print_count(answer: dict[str, Any], verb: str) -> None:
+    would = "would " if answer["dry_run"] else ""
+    out.print(f"{would}{verb}: {answer['count']} event(s)")
+
+
 @replay_app.command("list")
 def replay_list(
     db: DbOption = None,
@@ -551,9 +556,7 @@ def replay_requeue(
         action=action,
         edge=edge,
     )
-    answer = _replay("requeue", db, url, selection, dry_run)
-    verb = "would re-queue" if dry_run else "re-queued"
-    out.print(f"{verb} {answer['count']} event(s)")
+    _print_count(_replay("requeue", db, url, selection, dry_run), "re-queue")
 
 
 @replay_app.command("purge")
@@ -579,9 +582,7 @@ def replay_purge(
         action=action,
         edge=edge,
     )
-    answer = _replay("purge", db, url, selection, dry_run)
-    verb = "would purge" if dry_run else "purged"
-    out.print(f"{verb} {answer['count']} event(s)")
+    _print_count(_replay("purge", db, url, selection, dry_run), "purge")
 
 
 @replay_app.command("resend")
@@ -596,9 +597,7 @@ def replay_resend(
     """Send delivered events again (kept with keep_delivered_seconds); safe,
     since the peer applies each event once."""
     selection = _selection(queue=queue, state="delivered", first=first, edge=edge)
-    answer = _replay("resend", db, url, selection, dry_run)
-    verb = "would send again" if dry_run else "will send again"
-    out.print(f"{verb} {answer['count']} event(s)")
+    _print_count(_replay("resend", db, url, selection, dry_run), "send again")
 
 
 @app.command()
