@@ -23,30 +23,10 @@ import threading
 import time
 from pathlib import Path
 
-import duckdb
 import httpx
+from roles import start_role
 
 DEVICES = 10
-
-
-def start(role: str, folder: Path, *args: str, env: dict[str, str] | None = None):
-    port_file = folder / f"{role}.port"
-    log = (folder / f"{role}.log").open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "edgectl", "run", "--role", role, "--db", str(folder / f"{role}.duckdb"),
-         "--listen", "127.0.0.1:0", "--port-file", str(port_file), *args],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-    )
-    while not (port_file.exists() and port_file.read_text()):
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{port_file.read_text()}"
-    for _ in range(500):
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.02)
-    raise SystemExit(f"{role} did not start")
 
 
 def main() -> None:
@@ -61,8 +41,8 @@ def main() -> None:
     subprocess.run([*run_cli, "edges", "add", "lat", "--key", "lat", "--secret", "lat", "--db", str(folder / "cloud.duckdb")], check=True, capture_output=True)
     for n in range(DEVICES):
         subprocess.run([*run_cli, "devices", "add", f"d{n}", "--token", f"T{n}", "--db", str(folder / "edge.duckdb")], check=True, capture_output=True)
-    cloud, cloud_url = start("cloud", folder)
-    edge, edge_url = start("edge", folder, "--cloud", cloud_url, "--edge-key", "lat", env={"EDGECTL_EDGE_SECRET": "lat"})
+    cloud, cloud_url = start_role("cloud", folder)
+    edge, edge_url = start_role("edge", folder, "--cloud", cloud_url, "--edge-key", "lat", env={"EDGECTL_EDGE_SECRET": "lat"})
     time.sleep(1.0)
 
     sent: dict[tuple[int, int], float] = {}

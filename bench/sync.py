@@ -11,18 +11,17 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from roles import start_role
 
 from edgectl.checks import load_chain
 from edgectl.devices import register_device, register_edge
 from edgectl.engine import Engine, Run
-from edgectl.message import POST_TELEMETRY_REQUEST, EntityRef, Message
+from edgectl.message import POST_TELEMETRY_REQUEST, Message
 from edgectl.roles import example_chain
 from edgectl.storage import Store
 
@@ -60,22 +59,6 @@ def metric(url: str, name: str) -> float:
     return -1
 
 
-def start(role: str, folder: Path, *args: str, env: dict[str, str] | None = None):
-    port_file = folder / f"{role}.port"
-    log = (folder / f"{role}.log").open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "edgectl", "run", "--role", role, "--db", str(folder / f"{role}.duckdb"),
-         "--listen", "127.0.0.1:0", "--port-file", str(port_file), *args],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-    )
-    while not (port_file.exists() and port_file.read_text()):
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port_file.read_text()}"
-    while metric(url, "queue_depth") < 0:
-        time.sleep(0.05)
-    return process, url
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=100_000)
@@ -90,10 +73,10 @@ def main() -> None:
     register_edge(cloud_store, "bench", key="bench", secret="bench")
     cloud_store.close()
 
-    cloud, cloud_url = start("cloud", folder)
+    cloud, cloud_url = start_role("cloud", folder)
     total = options.events + 10
     began = time.perf_counter()
-    edge, edge_url = start(
+    edge, edge_url = start_role(
         "edge", folder, "--cloud", cloud_url, "--edge-key", "bench",
         env={"EDGECTL_EDGE_SECRET": "bench"},
     )

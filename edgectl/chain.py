@@ -76,27 +76,3 @@ def build_chain(document: dict[str, Any], path: Path | None = None) -> Chain:
         description=document.get("description", ""),
         path=path,
     )
-
-
-def chain_to_document(chain: Chain) -> dict[str, Any]:
-    """The plain document for a chain, the inverse of ``build_chain``."""
-    document: dict[str, Any] = {"name": chain.name}
-    if chain.description:
-        document["description"] = chain.description
-    document["entry"] = chain.entry
-    document["nodes"] = [_node_document(node) for node in chain.nodes]
-    return document
-
-
-def _node_document(node: NodeSpec) -> dict[str, Any]:
-    item: dict[str, Any] = {"id": node.id, "type": node.type}
-    if node.description:
-        item["description"] = node.description
-    if node.config:
-        item["config"] = dict(node.config)
-    if node.next:
-        item["next"] = {
-            label: targets[0] if len(targets) == 1 else list(targets)
-            for label, targets in node.next.items()
-        }
-    return item

@@ -217,9 +217,11 @@ def devices_add(
         device_token, created = answer["token"], answer["created"]
     else:
         store = open_store(db, create=True)
-        device, created = register_device(store, name, type=type, token=token)
+        try:
+            device, created = register_device(store, name, type=type, token=token)
+        finally:
+            store.close()
         device_token = device.token
-        store.close()
     if not created:
         err.print(f"device {name!r} already exists; its token:")
     out.print(device_token)
@@ -256,9 +258,11 @@ def edges_add(
         )
     else:
         store = open_store(db, create=True)
-        edge, created = register_edge(store, name, key=key, secret=secret)
+        try:
+            edge, created = register_edge(store, name, key=key, secret=secret)
+        finally:
+            store.close()
         edge_key, edge_secret = edge.routing_key, edge.secret
-        store.close()
     if not created:
         err.print(f"edge {name!r} already exists; its credentials:")
     out.print(f"key: {edge_key}\nsecret: {edge_secret}")

@@ -40,8 +40,8 @@ from edgectl.message import (
 )
 from edgectl.nodes.push import POST_ATTRIBUTES
 from edgectl.outbox import Event
-from edgectl.storage import DEVICE, Store
-from edgectl.values import ValueRejected, classify, parse_json
+from edgectl.storage import Store
+from edgectl.values import ValueRejected, classify
 
 logger = logging.getLogger(__name__)
 
@@ -296,17 +296,3 @@ class Receiver:
 def peer_key(kind: str, name: str, instance: str) -> str:
     """The cursor name of one sender file: ``edge:site-1:3fa2...``."""
     return f"{kind}:{name}:{instance}"
-
-
-def parse_batch(raw: bytes) -> dict[str, Any]:
-    """Parse a sync request body; raises ValueRejected with the reason."""
-    try:
-        data = parse_json(raw)
-    except ValueError as error:
-        raise ValueRejected(f"body is not JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise ValueRejected("body must be a JSON object")
-    return data
-
-
-DEVICE_TYPE = DEVICE
