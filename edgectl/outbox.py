@@ -413,4 +413,6 @@ def rewind(store: Store, queue: str, edge: str | None, first: int) -> int:
             con.execute(
                 "INSERT INTO queue_cursor VALUES (?, ?, ?)", [queue, edge, first - 1]
             )
+    if count:
+        store.queue_epoch += 1
     return count

@@ -12,9 +12,11 @@ sending it and no sign of why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from edgectl.errors import PeerRejectedError, TransportError
@@ -50,8 +52,27 @@ async def on_writer(writer: Writer, work: Callable[[], T]) -> T:
     return await asyncio.wrap_future(writer.call(work))
 
 
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """Queued events read for one push, with their wire form."""
+
+    events: list[Event]
+    wire: list[dict[str, Any]]
+    epoch: int
+
+    @property
+    def last(self) -> int:
+        return self.events[-1].seq
+
+
 class Uplink:
-    """Sends queued cloud events in batches and applies the cloud's answers."""
+    """Sends queued cloud events in batches and applies the cloud's answers.
+
+    Batches go back to back: while one travels and the cloud applies it, the
+    next is read and encoded, and the acknowledgement of the one before is
+    committed on the writer thread. Only one batch is in flight at a time, so
+    the cloud sees them in order.
+    """
 
     def __init__(
         self,
@@ -70,17 +91,22 @@ class Uplink:
         self.batch_size = batch_size
         self.max_attempts = max_attempts
         self.wake = asyncio.Event()
+        # ``delivered`` is the committed cursor, changed only on the writer
+        # thread; ``sent`` is the last event the cloud applied, which runs
+        # ahead of it while acknowledgements wait for their commit.
         self.delivered = delivered_seq(store, CLOUD_QUEUE, None)
+        self.sent = self.delivered
         self.limit = batch_size
         self._ceiling: tuple[int, float] | None = None
         self._down_since: float | None = None
+        self._ack: asyncio.Future[int] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Send until ``stop`` is set; the batch in hand is finished first."""
         backoff = Backoff()
         while not stop.is_set():
             try:
-                sent = await self._send_next()
+                sent = await self._stream(stop)
             except TransportError as error:
                 await self._wait_out(error, backoff, stop)
                 continue
@@ -90,29 +116,54 @@ class Uplink:
                 logger.exception("the uplink failed; retrying")
                 await sleep_or_wake(backoff.next_delay(), stop)
                 continue
+            finally:
+                await self._acknowledged()
             if sent:
                 backoff.reset()
                 self._reached()
 
-    async def _send_next(self) -> bool:
-        events = await asyncio.to_thread(self._next_batch)
-        if not events:
-            self.wake.clear()
+    async def _stream(self, stop: asyncio.Event) -> bool:
+        """Send batches while the queue has events; True if any was applied."""
+        # Cleared before the read: a commit after it sets the flag again, so
+        # an event that lands while the queue reads empty is not left waiting.
+        self.wake.clear()
+        batch = await asyncio.to_thread(self._first_batch)
+        if batch is None:
             await sleep_or_wake(1.0, self.wake)
             return False
-        try:
-            await self._send(events)
-        except TooLarge as error:
-            await self._shrink(events, error)
-            return False
-        self._grow()
-        return True
+        sent = False
+        while batch is not None:
+            upcoming = asyncio.ensure_future(asyncio.to_thread(self._read, batch.last))
+            try:
+                whole = await self._send(batch)
+            except BaseException:
+                await _settle(upcoming)
+                raise
+            sent = True
+            if not whole or stop.is_set() or batch.epoch != self.store.queue_epoch:
+                await _settle(upcoming)
+                break
+            batch = await upcoming
+        return sent
 
-    def _next_batch(self) -> list[Event]:
-        # The cursor is read from the file each time, so a replay that moved
-        # it through the admin API takes effect at once.
-        self.delivered = delivered_seq(self.store, CLOUD_QUEUE, None)
-        return read_pending(self.store, CLOUD_QUEUE, None, self.delivered, self.limit)
+    def _first_batch(self) -> _Batch | None:
+        # The cursor is read from the file at the start of each stream, so a
+        # replay that moved it through the admin API takes effect.
+        self.delivered = self.sent = delivered_seq(self.store, CLOUD_QUEUE, None)
+        return self._read(self.delivered)
+
+    def _read(self, after: int) -> _Batch | None:
+        epoch = self.store.queue_epoch
+        events = read_pending(self.store, CLOUD_QUEUE, None, after, self.limit)
+        if not events:
+            return None
+        return _Batch(events, [encode_event(event) for event in events], epoch)
+
+    async def _acknowledged(self) -> None:
+        """Wait for the acknowledgement commit in flight, if any."""
+        ack, self._ack = self._ack, None
+        if ack is not None:
+            await ack
 
     async def _shrink(self, events: list[Event], error: TooLarge) -> None:
         # A body limit in front of the cloud (nginx allows 1 MiB by default)
@@ -130,13 +181,12 @@ class Uplink:
         # One event alone is too large: it can never pass as it is, so it
         # counts attempts and goes to the dead letters like a rejected one.
         reason = f"the event alone is larger than the cloud accepts: {error}"
-        self.delivered = await on_writer(
-            self.writer, lambda: self._reject_alone(events[0].seq, reason)
-        )
+        await on_writer(self.writer, lambda: self._reject_alone(events[0].seq, reason))
 
     def _reject_alone(self, seq: int, error: str) -> int:
         with self.store.transaction() as con:
-            return self._reject(con, seq, error)
+            self.delivered = self._reject(con, seq, error)
+        return self.delivered
 
     def _grow(self) -> None:
         # Double back towards the configured size, but for ten minutes no
@@ -151,30 +201,49 @@ class Uplink:
                 self._ceiling = None
         self.limit = max(1, min(ceiling, self.limit * 2))
 
-    async def _send(self, events: list[Event]) -> None:
-        batch = {
+    async def _send(self, batch: _Batch) -> bool:
+        """Push one batch; True when the cloud applied all of it."""
+        body = {
             "instance": self.store.instance,
-            "after": self.delivered,
-            "events": [encode_event(event) for event in events],
+            "after": self.sent,
+            "events": batch.wire,
         }
         started = time.perf_counter()
         try:
-            answer = await self.client.push(batch)
+            answer = await self.client.push(body)
         except Gap as gap:
+            await self._acknowledged()
             self._gap(gap)
-            return
+            return False
+        except TooLarge as error:
+            await self._acknowledged()
+            await self._shrink(batch.events, error)
+            return False
         self.metrics.observe_batch(time.perf_counter() - started)
-        self.metrics.add("events_sent", len(events))
-        self.delivered = await on_writer(
-            self.writer, lambda: self._acknowledge(answer, events)
+        self.metrics.add("events_sent", len(batch.events))
+        # The acknowledgement commits on the writer thread after the one
+        # before it (the thread runs its work in order); the next batch does
+        # not wait for it.
+        previous = self._ack
+        self._ack = asyncio.wrap_future(
+            self.writer.call(lambda: self._acknowledge(answer, batch))
         )
+        if previous is not None:
+            await previous
+        through = min(int(answer.get("applied_through", 0)), batch.last)
         logger.info(
             "pushed %d events to %s (through seq %d) in %.0f ms",
-            len(events),
+            len(batch.events),
             self.client.url,
-            self.delivered,
+            through,
             (time.perf_counter() - started) * 1000,
         )
+        if through < batch.last or answer.get("rejected") is not None:
+            await self._acknowledged()
+            return False
+        self.sent = batch.last
+        self._grow()
+        return True
 
     def _gap(self, gap: Gap) -> None:
         # Events above our cursor are contiguous unless a user purged some; the
@@ -187,8 +256,12 @@ class Uplink:
         self.delivered = delivered_seq(self.store, CLOUD_QUEUE, None)
         raise TransportError(str(gap))
 
-    def _acknowledge(self, answer: dict[str, Any], events: list[Event]) -> int:
-        through = min(int(answer.get("applied_through", 0)), events[-1].seq)
+    def _acknowledge(self, answer: dict[str, Any], batch: _Batch) -> int:
+        if batch.epoch != self.store.queue_epoch:
+            # A replay moved the cursor back after this batch was read; its
+            # cursor stands, and the stream starts again from it.
+            return self.delivered
+        through = min(int(answer.get("applied_through", 0)), batch.last)
         rejected = answer.get("rejected")
         delivered = self.delivered
         with self.store.transaction() as con:
@@ -206,6 +279,7 @@ class Uplink:
                 delivered = self._reject(
                     con, int(rejected["seq"]), str(rejected["error"])
                 )
+        self.delivered = delivered
         return delivered
 
     def _reject(self, con: Any, seq: int, error: str) -> int:
@@ -257,6 +331,12 @@ class Uplink:
                 time.monotonic() - self._down_since,
             )
             self._down_since = None
+
+
+async def _settle(future: asyncio.Future[Any]) -> None:
+    """Wait for a read running in a thread whose result is not needed."""
+    with contextlib.suppress(Exception):
+        await future
 
 
 async def wait_until_up(client: CloudClient, delay: float, stop: asyncio.Event) -> None:

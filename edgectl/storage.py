@@ -154,6 +154,9 @@ class Store:
             self.connection.close()
             raise
         self._load_caches()
+        # Counts moves of a queue cursor back (a replay resending delivered
+        # events), so a sender can drop acknowledgements read before one.
+        self.queue_epoch = 0
 
     def _prepare(self) -> None:
         with storage_errors("preparing", self.path):

@@ -52,15 +52,19 @@ class WireEvent:
 
     seq: int
     action: str
-    entity_type: str
-    entity_name: str
+    entity: EntityRef
     body: Any
     ts: int
 
     @property
-    def entity(self) -> EntityRef:
-        """The event's originator."""
-        return EntityRef(self.entity_type, self.entity_name)
+    def entity_type(self) -> str:
+        """The originator's kind, such as ``DEVICE``."""
+        return self.entity.entity_type
+
+    @property
+    def entity_name(self) -> str:
+        """The originator's name."""
+        return self.entity.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,22 +102,35 @@ def decode_events(items: Any) -> list[WireEvent]:
     """Wire events from a parsed batch; raises ValueRejected for a bad shape."""
     if not isinstance(items, list):
         raise ValueRejected("events must be a list")
+    # A batch names a few entities thousands of times: one EntityRef each.
+    refs: dict[tuple[str, str], EntityRef] = {}
     events = []
     for index, item in enumerate(items):
         try:
+            names = (_text(item["entity_type"]), _text(item["entity_name"]))
+            entity = refs.get(names)
+            if entity is None:
+                entity = refs[names] = EntityRef(*names)
             events.append(
                 WireEvent(
-                    int(item["seq"]),
-                    str(item["action"]),
-                    str(item["entity_type"]),
-                    str(item["entity_name"]),
+                    _whole(item["seq"]),
+                    _text(item["action"]),
+                    entity,
                     item.get("body"),
-                    int(item.get("ts") or 0),
+                    _whole(item.get("ts") or 0),
                 )
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueRejected(f"event {index} is malformed: {error}") from None
     return events
+
+
+def _text(value: Any) -> str:
+    return value if type(value) is str else str(value)
+
+
+def _whole(value: Any) -> int:
+    return value if type(value) is int else int(value)
 
 
 class Receiver:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +26,10 @@ import orjson
 BOOLEAN, LONG, DOUBLE, STRING, JSON = 0, 1, 2, 3, 4
 TYPE_NAMES = ("boolean", "long", "double", "string", "json")
 _LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
-_LONG_DIGITS = re.compile(rb"\d{19,}")
+# Every digit maps to "0", so a run of 19 or more digits becomes a run of 19
+# zeros: one C-speed pass, several times faster than a regex over digit runs.
+_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_LONG_RUN = b"0" * 19
 
 
 class ValueRejected(ValueError):
@@ -65,7 +67,7 @@ def parse_json(raw: bytes | str) -> Any:
     # orjson turns integers beyond 64 bits into doubles and loses digits; a run of
     # 19 or more digits is the only way to spell one, so such text takes the
     # slower standard parser, which keeps them exact.
-    if _LONG_DIGITS.search(data) is None:
+    if _LONG_RUN not in data.translate(_DIGITS_AS_ZERO):
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError as error:
