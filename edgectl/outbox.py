@@ -109,11 +109,8 @@ def append_events(
         seq += len(chosen)
         if queue == EDGE_QUEUE:
             columns["edge"] = pa.array([e.peer for e in chosen], pa.string())
-        con.register("event_batch", pa.table(columns))
-        try:
-            con.execute(f"INSERT INTO {queue} SELECT * FROM event_batch")
-        finally:
-            con.unregister("event_batch")
+        event_batch = pa.table(columns)  # noqa: F841 (read by name in the query)
+        con.execute(f"INSERT INTO {queue} SELECT * FROM event_batch")
     return seq
 
 
@@ -197,8 +194,9 @@ def mark_delivered(
         "AND edge IS NOT DISTINCT FROM ?",
         [queue, edge],
     ).fetchone()
-    if current and current[0] is not None:
-        through = max(through, int(current[0]))
+    stored = current[0] if current else None
+    if stored is not None:
+        through = max(through, int(stored))
     if keep:
         edge_column = "edge" if queue == EDGE_QUEUE else "NULL"
         con.execute(
@@ -207,11 +205,14 @@ def mark_delivered(
             [queue, now_ms(), through, *params],
         )
     con.execute(f"DELETE FROM {queue} WHERE seq <= ?{where}", [through, *params])
-    con.execute(
-        "DELETE FROM queue_cursor WHERE queue = ? AND edge IS NOT DISTINCT FROM ?",
-        [queue, edge],
-    )
-    con.execute("INSERT INTO queue_cursor VALUES (?, ?, ?)", [queue, edge, through])
+    if stored is not None:
+        con.execute(
+            "UPDATE queue_cursor SET delivered_seq = ? WHERE queue = ? "
+            "AND edge IS NOT DISTINCT FROM ?",
+            [through, queue, edge],
+        )
+    else:
+        con.execute("INSERT INTO queue_cursor VALUES (?, ?, ?)", [queue, edge, through])
 
 
 def record_failure(

@@ -99,7 +99,11 @@ class Uplink:
         self.limit = batch_size
         self._ceiling: tuple[int, float] | None = None
         self._down_since: float | None = None
+        # The acknowledgement commit in flight, and the newest answer that
+        # still needs one: answers that arrive while a commit runs are
+        # folded into one, as the last covers the ones before.
         self._ack: asyncio.Future[int] | None = None
+        self._owed: tuple[dict[str, Any], _Batch] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Send until ``stop`` is set; the batch in hand is finished first."""
@@ -107,20 +111,31 @@ class Uplink:
         while not stop.is_set():
             try:
                 sent = await self._stream(stop)
+                await self._acknowledged()
             except TransportError as error:
+                await self._settle()
                 await self._wait_out(error, backoff, stop)
                 continue
             except Exception:
                 # Our own file failing (a StorageError) or a bug: log it with
                 # its traceback and try again later, never end the loop.
                 logger.exception("the uplink failed; retrying")
+                await self._settle()
                 await sleep_or_wake(backoff.next_delay(), stop)
                 continue
-            finally:
-                await self._acknowledged()
             if sent:
                 backoff.reset()
                 self._reached()
+
+    async def _settle(self) -> None:
+        # After an error, commit the acknowledgements that can be; one that
+        # cannot is dropped, and its events are sent again (the cloud applies
+        # each once).
+        try:
+            await self._acknowledged()
+        except Exception:
+            logger.exception("acknowledging pushed events failed; resending them")
+            self._ack = self._owed = None
 
     async def _stream(self, stop: asyncio.Event) -> bool:
         """Send batches while the queue has events; True if any was applied."""
@@ -160,10 +175,27 @@ class Uplink:
         return _Batch(events, [encode_event(event) for event in events], epoch)
 
     async def _acknowledged(self) -> None:
-        """Wait for the acknowledgement commit in flight, if any."""
-        ack, self._ack = self._ack, None
-        if ack is not None:
-            await ack
+        """Commit every acknowledgement owed, and wait for it."""
+        await self._pay(wait=True)
+
+    async def _pay(self, *, wait: bool) -> None:
+        """Start the owed acknowledgement's commit if none is running; with
+        ``wait``, also wait for the running one and the owed one to finish."""
+        if self._ack is not None:
+            if not (wait or self._ack.done()):
+                return
+            running, self._ack = self._ack, None
+            await running
+        if self._owed is None:
+            return
+        answer, batch = self._owed
+        self._owed = None
+        self._ack = asyncio.wrap_future(
+            self.writer.call(lambda: self._acknowledge(answer, batch))
+        )
+        if wait:
+            running, self._ack = self._ack, None
+            await running
 
     async def _shrink(self, events: list[Event], error: TooLarge) -> None:
         # A body limit in front of the cloud (nginx allows 1 MiB by default)
@@ -221,15 +253,9 @@ class Uplink:
             return False
         self.metrics.observe_batch(time.perf_counter() - started)
         self.metrics.add("events_sent", len(batch.events))
-        # The acknowledgement commits on the writer thread after the one
-        # before it (the thread runs its work in order); the next batch does
-        # not wait for it.
-        previous = self._ack
-        self._ack = asyncio.wrap_future(
-            self.writer.call(lambda: self._acknowledge(answer, batch))
-        )
-        if previous is not None:
-            await previous
+        # The acknowledgement commits on the writer thread while the next
+        # batch travels; an answer after this one covers it, if it comes first.
+        self._owed = (answer, batch)
         through = min(int(answer.get("applied_through", 0)), batch.last)
         logger.info(
             "pushed %d events to %s (through seq %d) in %.0f ms",
@@ -241,6 +267,7 @@ class Uplink:
         if through < batch.last or answer.get("rejected") is not None:
             await self._acknowledged()
             return False
+        await self._pay(wait=False)
         self.sent = batch.last
         self._grow()
         return True

@@ -40,7 +40,7 @@ from edgectl.message import (
 )
 from edgectl.nodes.push import POST_ATTRIBUTES
 from edgectl.outbox import Event
-from edgectl.storage import Store
+from edgectl.storage import Entity, Store
 from edgectl.values import ValueRejected, classify
 
 logger = logging.getLogger(__name__)
@@ -107,19 +107,13 @@ def decode_events(items: Any) -> list[WireEvent]:
     events = []
     for index, item in enumerate(items):
         try:
+            seq, action = _whole(item["seq"]), _text(item["action"])
             names = (_text(item["entity_type"]), _text(item["entity_name"]))
             entity = refs.get(names)
             if entity is None:
                 entity = refs[names] = EntityRef(*names)
-            events.append(
-                WireEvent(
-                    _whole(item["seq"]),
-                    _text(item["action"]),
-                    entity,
-                    item.get("body"),
-                    _whole(item.get("ts") or 0),
-                )
-            )
+            ts = _whole(item.get("ts") or 0)
+            events.append(WireEvent(seq, action, entity, item.get("body"), ts))
         except (KeyError, TypeError, ValueError) as error:
             raise ValueRejected(f"event {index} is malformed: {error}") from None
     return events
@@ -171,9 +165,10 @@ class Receiver:
         run = Run(store=self.store)
         messages: list[Message] = []
         seqs: list[int] = []
+        checked: dict[int, Entity] = {}
         for event in events:
             try:
-                converted = self._messages(event, run, owner)
+                converted = self._messages(event, run, owner, checked)
             except ValueRejected as error:
                 return self._rerun_before(event.seq, events, owner, str(error))
             for message in converted:
@@ -196,9 +191,30 @@ class Receiver:
         run, _ = self._run(before, owner)
         return run, Rejection(seq, error)
 
-    def _messages(self, event: WireEvent, run: Run, owner: str | None) -> list[Message]:
+    def _messages(
+        self,
+        event: WireEvent,
+        run: Run,
+        owner: str | None,
+        checked: dict[int, Entity],
+    ) -> list[Message]:
         if event.action == ENTITY_CREATED:
             return self._create(event, owner)
+        # Events of a batch share one EntityRef per entity (decode_events), so
+        # an entity that passed the checks once is found by identity after.
+        entity = checked.get(id(event.entity))
+        if entity is None:
+            entity = self._check(event, owner)
+            checked[id(event.entity)] = entity
+        metadata = {
+            "deviceName": entity.name,
+            "deviceType": entity.type,
+            META_SOURCE: self.source,
+            META_TS: str(event.ts),
+        }
+        return self._convert(event, metadata, run)
+
+    def _check(self, event: WireEvent, owner: str | None) -> Entity:
         entity = self.store.entity(event.entity)
         if entity is None:
             raise ValueRejected(
@@ -212,13 +228,7 @@ class Receiver:
             raise ValueRejected(
                 f"{event.entity_name!r} belongs to {holder}, not {owner!r}"
             )
-        metadata = {
-            "deviceName": entity.name,
-            "deviceType": entity.type,
-            META_SOURCE: self.source,
-            META_TS: str(event.ts),
-        }
-        return self._convert(event, metadata, run)
+        return entity
 
     def _create(self, event: WireEvent, owner: str | None) -> list[Message]:
         body = event.body if isinstance(event.body, dict) else {}

@@ -71,11 +71,14 @@ class Writer:
         *,
         max_batch: int = 5000,
         checkpoint_seconds: float = 30.0,
+        commit_interval: float = 0.01,
     ) -> None:
         self.store = store
         self.engine = engine
         self.max_batch = max_batch
         self.checkpoint_seconds = checkpoint_seconds
+        self.commit_interval = commit_interval
+        self._last_commit = 0.0
         self.hooks: list[CommitHook] = []
         self.stats_hooks: list[Callable[[BatchStats], None]] = []
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -111,6 +114,7 @@ class Writer:
             if isinstance(job, _Call):
                 self._run_call(job)
                 continue
+            self._pace()
             batch, after = self._gather(job)
             self._commit(batch)
             if after is _STOP:
@@ -118,6 +122,20 @@ class Writer:
             if after is not None:
                 self._run_call(after)
             self._maybe_checkpoint()
+
+    def _pace(self) -> None:
+        # A commit costs about 4 ms of CPU however few messages it holds. Left
+        # to commit whatever is waiting at once, a steady 1,000 requests/s
+        # made 200 commits of five messages each, every second, and the
+        # commits alone took a core. Starting commits at most every
+        # ``commit_interval`` seconds lets the messages of that time share
+        # one; an idle writer still commits a lone message at once.
+        now = time.monotonic()
+        wait = self._last_commit + self.commit_interval - now
+        if wait > 0:
+            time.sleep(wait)
+            now += wait
+        self._last_commit = now
 
     def _gather(self, first: _Ingest) -> tuple[list[_Ingest], Any]:
         batch, count = [first], len(first.messages)
