@@ -38,6 +38,7 @@ from edgectl.transport import (
     Gap,
     RetryLater,
     TooLarge,
+    encode_body,
     sleep_or_wake,
 )
 from edgectl.writer import Writer
@@ -54,10 +55,12 @@ async def on_writer(writer: Writer, work: Callable[[], T]) -> T:
 
 @dataclass(frozen=True, slots=True)
 class _Batch:
-    """Queued events read for one push, with their wire form."""
+    """Queued events read for one push, and the push's headers and body."""
 
     events: list[Event]
-    wire: list[dict[str, Any]]
+    after: int
+    headers: dict[str, str]
+    content: bytes
     epoch: int
 
     @property
@@ -91,11 +94,9 @@ class Uplink:
         self.batch_size = batch_size
         self.max_attempts = max_attempts
         self.wake = asyncio.Event()
-        # ``delivered`` is the committed cursor, changed only on the writer
-        # thread; ``sent`` is the last event the cloud applied, which runs
-        # ahead of it while acknowledgements wait for their commit.
+        # The committed cursor, changed only on the writer thread; while
+        # acknowledgements wait for their commit, the cloud is ahead of it.
         self.delivered = delivered_seq(store, CLOUD_QUEUE, None)
-        self.sent = self.delivered
         self.limit = batch_size
         self._ceiling: tuple[int, float] | None = None
         self._down_since: float | None = None
@@ -164,15 +165,23 @@ class Uplink:
     def _first_batch(self) -> _Batch | None:
         # The cursor is read from the file at the start of each stream, so a
         # replay that moved it through the admin API takes effect.
-        self.delivered = self.sent = delivered_seq(self.store, CLOUD_QUEUE, None)
+        self.delivered = delivered_seq(self.store, CLOUD_QUEUE, None)
         return self._read(self.delivered)
 
     def _read(self, after: int) -> _Batch | None:
+        # Runs in a thread while the batch before travels: the body is encoded
+        # and compressed here, so it leaves the moment the answer comes.
         epoch = self.store.queue_epoch
         events = read_pending(self.store, CLOUD_QUEUE, None, after, self.limit)
         if not events:
             return None
-        return _Batch(events, [encode_event(event) for event in events], epoch)
+        body = {
+            "instance": self.store.instance,
+            "after": after,
+            "events": [encode_event(event) for event in events],
+        }
+        headers, content = encode_body(body)
+        return _Batch(events, after, headers, content, epoch)
 
     async def _acknowledged(self) -> None:
         """Commit every acknowledgement owed, and wait for it."""
@@ -235,14 +244,9 @@ class Uplink:
 
     async def _send(self, batch: _Batch) -> bool:
         """Push one batch; True when the cloud applied all of it."""
-        body = {
-            "instance": self.store.instance,
-            "after": self.sent,
-            "events": batch.wire,
-        }
         started = time.perf_counter()
         try:
-            answer = await self.client.push(body)
+            answer = await self.client.push(batch.headers, batch.content)
         except Gap as gap:
             await self._acknowledged()
             self._gap(gap)
@@ -268,7 +272,6 @@ class Uplink:
             await self._acknowledged()
             return False
         await self._pay(wait=False)
-        self.sent = batch.last
         self._grow()
         return True
 

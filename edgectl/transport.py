@@ -105,13 +105,14 @@ class CloudClient:
         _expect(answer, "instance", str, f"{self.url}{HELLO_PATH}")
         return answer
 
-    async def push(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Send a batch of events; returns how far the cloud applied it.
+    async def push(self, headers: dict[str, str], content: bytes) -> dict[str, Any]:
+        """Send a batch of events, encoded with ``encode_body``; returns how far
+        the cloud applied it.
 
         The answer has an integer ``applied_through`` and ``rejected``, None or
         ``{"seq": int, "error": str}``; any other shape raises TransportError.
         """
-        answer = await self._request("POST", UPLINK_PATH, batch)
+        answer = await self._send("POST", UPLINK_PATH, headers, content)
         where = f"{self.url}{UPLINK_PATH}"
         _expect(answer, "applied_through", int, where)
         rejected = answer.get("rejected")
@@ -144,7 +145,19 @@ class CloudClient:
         body: dict[str, Any] | None = None,
         extra: float = 0.0,
     ) -> dict[str, Any]:
-        headers, content = _encode(body)
+        if body is None:
+            return await self._send(method, path, {}, None, extra)
+        headers, content = encode_body(body)
+        return await self._send(method, path, headers, content, extra)
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        content: bytes | None,
+        extra: float = 0.0,
+    ) -> dict[str, Any]:
         timeout = self._client.timeout
         if extra:
             timeout = httpx.Timeout(
@@ -161,9 +174,8 @@ class CloudClient:
         return _decode(response, f"{self.url}{path}")
 
 
-def _encode(body: dict[str, Any] | None) -> tuple[dict[str, str], bytes | None]:
-    if body is None:
-        return {}, None
+def encode_body(body: dict[str, Any]) -> tuple[dict[str, str], bytes]:
+    """Headers and content for a JSON body, gzipped past 1 KiB."""
     content = orjson.dumps(body)
     headers = {"content-type": "application/json"}
     if len(content) > _GZIP_ABOVE:
