@@ -121,6 +121,53 @@ def test_readings_posted_while_the_cloud_is_down_arrive_once_in_order(pair):
     )
 
 
+def test_a_backlog_in_many_small_batches_arrives_once_in_order_and_is_acknowledged(
+    roles, tmp_path
+):
+    # Batches of 7 make the 300 readings travel as 43 pushes back to back:
+    # each next batch is read while one travels, and acknowledgements that
+    # arrive while one commits are folded into it.
+    cloud = roles("cloud")
+    remote.call(
+        cloud.url,
+        "POST",
+        "/api/edgectl/edges",
+        {"name": "site-1", "key": KEY, "secret": SECRET},
+    )
+    cloud.stop()
+    settings = tmp_path / "edge.yaml"
+    settings.write_text("batch_size: 7\n")
+    edge = roles(
+        "edge",
+        "--config",
+        str(settings),
+        "--cloud",
+        cloud.url,
+        "--edge-key",
+        KEY,
+        env={"EDGECTL_EDGE_SECRET": SECRET},
+    )
+    add_device(edge, "meter", "T-meter")
+    readings = [{"ts": 1700000000000 + n, "values": {"n": n}} for n in range(300)]
+    assert post(edge, "T-meter", "telemetry", readings).status_code == 200
+
+    cloud.start()
+    rows = wait_for(
+        lambda: len(cloud_rows(cloud, "ts_kv")) >= 300 and cloud_rows(cloud, "ts_kv"),
+        what="the backlog",
+    )
+    wait_for(lambda: edge_dead_and_pending(edge) == (0, 0), what="all acknowledged")
+    assert sorted(row["value"] for row in rows) == list(range(300))
+    [queue] = remote.call(edge.url, "GET", "/api/edgectl/tables")["queues"]
+    # One ENTITY_CREATED and 300 readings: the cursor stands on the last.
+    assert (queue["delivered_seq"], queue["last_seq"]) == (301, 301)
+    metrics = httpx.get(f"{cloud.url}/metrics").text
+    assert 'edgectl_events_received_total{role="cloud"} 301' in metrics
+    # Nothing went twice: no batch was refused for a gap and sent again.
+    sent = httpx.get(f"{edge.url}/metrics").text
+    assert 'edgectl_events_sent_total{role="edge"} 301' in sent
+
+
 def test_edge_started_while_the_cloud_is_down_drains_when_it_comes_up(roles):
     cloud = roles("cloud")
     remote.call(
