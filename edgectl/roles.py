@@ -52,7 +52,7 @@ def open_service(config: RoleConfig) -> Service:
     chain_path = config.chain or example_chain(config.role)
     chain = load_chain(chain_path)
     engine = Engine(chain, BuildContext(load_chain, (chain_path.resolve(),)))
-    store = Store(config.db_path)
+    store = Store(config.db_path, memory_limit=config.storage_memory)
     store.keep_delivered_ms = int(config.keep_delivered_seconds * 1000)
     writer = Writer(store, engine, max_batch=config.batch_size)
     source = SOURCE_EDGE if config.role == "cloud" else SOURCE_CLOUD

@@ -315,6 +315,10 @@ def test_secrets_come_from_files_and_never_show_in_a_config_repr(tmp_path, monke
             {"client_timeout_seconds": "0"},
             "client_timeout_seconds must be above 0, got 0.0",
         ),
+        (
+            {"storage_memory_mb": "16"},
+            "storage_memory_mb must be 0 (the role's default) or at least 32, got 16",
+        ),
     ],
     ids=[
         "secret-file",
@@ -324,6 +328,7 @@ def test_secrets_come_from_files_and_never_show_in_a_config_repr(tmp_path, monke
         "policy",
         "queue-bytes",
         "timeout",
+        "storage-memory",
     ],
 )
 def test_bad_security_settings_are_refused_before_starting(
@@ -336,6 +341,13 @@ def test_bad_security_settings_are_refused_before_starting(
         load_config("edge", None, settings)
 
     assert str(raised.value) == message
+
+
+def test_storage_memory_defaults_by_role_and_can_be_set():
+    assert load_config("edge", None, {}).storage_memory == "128MiB"
+    assert load_config("cloud", None, {}).storage_memory == "1024MiB"
+    setting = {"storage_memory_mb": "256"}
+    assert load_config("edge", None, setting).storage_memory == "256MiB"
 
 
 # -- TLS -----------------------------------------------------------------------
