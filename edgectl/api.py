@@ -53,7 +53,14 @@ from edgectl.outbox import (
     record_failure,
 )
 from edgectl.storage import DEVICE, Edge, Entity, Store
-from edgectl.sync import ApplyResult, Receiver, decode_events, encode_event, peer_key
+from edgectl.sync import (
+    ApplyResult,
+    BatchOrder,
+    Receiver,
+    decode_events,
+    encode_event,
+    peer_key,
+)
 from edgectl.values import (
     JSON,
     STRING,
@@ -126,6 +133,7 @@ class Service:
     )
     _edge_waiters: dict[str, asyncio.Event] = field(default_factory=dict)
     _edge_polls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    uplink_order: BatchOrder = field(default_factory=BatchOrder)
 
     def on_commit(self, changes: ChangeSet) -> None:
         """Writer hook: wake long polls that the committed changes concern."""
@@ -572,11 +580,15 @@ async def uplink(service: Service, request: Request) -> Response:
     body = await read_body(
         request, limits.max_sync_body_bytes, limits.client_timeout_seconds
     )
-    events, instance, after = _uplink_batch(parse_body(body))
+    events, instance, after, chained = _uplink_batch(parse_body(body))
     key = peer_key("edge", edge.name, instance)
+    order = service.uplink_order
+    if chained:
+        await order.turn(key, after, service.store.applied_seq(key))
     future = service.writer.call(
-        lambda: _apply_uplink(service, events, key, after, edge)
+        lambda: _apply_uplink(service, events, key, after, edge, chained=chained)
     )
+    await order.handed(key, events[-1].seq if events else after)
     result = await asyncio.wrap_future(future)
     service.metrics.add("events_received", result.applied)
     rejected = result.rejected
@@ -586,12 +598,15 @@ async def uplink(service: Service, request: Request) -> Response:
     )
 
 
-def _uplink_batch(batch: Any) -> tuple[list[Any], str, int]:
+def _uplink_batch(batch: Any) -> tuple[list[Any], str, int, bool]:
     try:
         if not isinstance(batch, dict):
             raise ValueRejected("body must be a JSON object")
         events = decode_events(batch.get("events"))
         after = _whole(batch, "after", 0)
+        chained = batch.get("chained", False)
+        if not isinstance(chained, bool):
+            raise ValueRejected(f"chained must be true or false, got {chained!r}")
     except ValueRejected as error:
         raise HttpError(400, f"malformed batch: {error}") from None
     instance = batch.get("instance")
@@ -602,7 +617,7 @@ def _uplink_batch(batch: Any) -> tuple[list[Any], str, int]:
     seqs = [event.seq for event in events]
     if any(later <= earlier for earlier, later in zip(seqs, seqs[1:], strict=False)):
         raise HttpError(400, "malformed batch: event seq must increase")
-    return events, instance, after
+    return events, instance, after, chained
 
 
 def _whole(data: dict[str, Any], name: str, default: int) -> int:
@@ -615,9 +630,25 @@ def _whole(data: dict[str, Any], name: str, default: int) -> int:
 
 
 def _apply_uplink(
-    service: Service, events: list[Any], key: str, after: int, edge: Edge
+    service: Service,
+    events: list[Any],
+    key: str,
+    after: int,
+    edge: Edge,
+    *,
+    chained: bool,
 ) -> ApplyResult:
     applied = service.store.applied_seq(key)
+    # A first batch may start past our cursor: the edge purged what lay
+    # between. A chained one continues a batch sent before it, which must be
+    # applied first; otherwise its events would pass for applied and be lost.
+    if chained and after > applied:
+        raise HttpError(
+            409,
+            f"events after seq {applied} are missing: the batch before this "
+            "one was not applied",
+            {"X-Expected": str(applied)},
+        )
     base = max(applied, after)
     if events and events[0].seq > base + 1:
         raise HttpError(

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -68,13 +69,27 @@ class _Batch:
         return self.events[-1].seq
 
 
+@dataclass(frozen=True, slots=True)
+class _Flight:
+    """A batch on its way, and the answer to come."""
+
+    batch: _Batch
+    answer: asyncio.Future[dict[str, Any]]
+    started: float
+
+
+# Batches in flight at once: the cloud reads and parses the next while it
+# applies one. Answers still come and are taken in order.
+IN_FLIGHT = 2
+
+
 class Uplink:
     """Sends queued cloud events in batches and applies the cloud's answers.
 
-    Batches go back to back: while one travels and the cloud applies it, the
-    next is read and encoded, and the acknowledgement of the one before is
-    committed on the writer thread. Only one batch is in flight at a time, so
-    the cloud sees them in order.
+    Batches go back to back, ``IN_FLIGHT`` at a time: while they travel and
+    the cloud applies them, the next is read and encoded, and the
+    acknowledgements commit on the writer thread. The cloud hands a sender's
+    batches to its writer in sequence order (``sync.BatchOrder``).
     """
 
     def __init__(
@@ -139,7 +154,14 @@ class Uplink:
             self._ack = self._owed = None
 
     async def _stream(self, stop: asyncio.Event) -> bool:
-        """Send batches while the queue has events; True if any was applied."""
+        """Send batches while the queue has events; True if any was applied.
+
+        Two batches are in flight at a time, and a third is read meanwhile, so
+        the cloud parses one while it applies the other. Answers are taken in
+        order; once one is not applied whole, the batch after it is let go
+        (the cloud refused it or applies it once) and the stream ends, to
+        start again from the cursor.
+        """
         # Cleared before the read: a commit after it sets the flag again, so
         # an event that lands while the queue reads empty is not left waiting.
         self.wake.clear()
@@ -148,36 +170,50 @@ class Uplink:
             await sleep_or_wake(1.0, self.wake)
             return False
         sent = False
-        while batch is not None:
-            upcoming = asyncio.ensure_future(asyncio.to_thread(self._read, batch.last))
-            try:
-                whole = await self._send(batch)
-            except BaseException:
-                await _settle(upcoming)
-                raise
-            sent = True
-            if not whole or stop.is_set() or batch.epoch != self.store.queue_epoch:
-                await _settle(upcoming)
-                break
-            batch = await upcoming
-        return sent
+        flying: deque[_Flight] = deque()
+        try:
+            while True:
+                while batch is not None and len(flying) < IN_FLIGHT:
+                    flying.append(self._launch(batch))
+                    batch = await asyncio.to_thread(self._read, batch.last)
+                if not flying:
+                    return sent
+                head = flying.popleft()
+                whole = await self._answered(head)
+                sent = True
+                epoch = head.batch.epoch
+                if not whole or stop.is_set() or epoch != self.store.queue_epoch:
+                    return sent
+                if batch is None and flying:
+                    batch = await asyncio.to_thread(self._read, flying[-1].batch.last)
+        finally:
+            for flight in flying:
+                await _settle(flight.answer)
+
+    def _launch(self, batch: _Batch) -> _Flight:
+        push = self.client.push(batch.headers, batch.content)
+        return _Flight(batch, asyncio.ensure_future(push), time.perf_counter())
 
     def _first_batch(self) -> _Batch | None:
         # The cursor is read from the file at the start of each stream, so a
         # replay that moved it through the admin API takes effect.
         self.delivered = delivered_seq(self.store, CLOUD_QUEUE, None)
-        return self._read(self.delivered)
+        return self._read(self.delivered, chained=False)
 
-    def _read(self, after: int) -> _Batch | None:
+    def _read(self, after: int, *, chained: bool = True) -> _Batch | None:
         # Runs in a thread while the batch before travels: the body is encoded
         # and compressed here, so it leaves the moment the answer comes.
         epoch = self.store.queue_epoch
         events = read_pending(self.store, CLOUD_QUEUE, None, after, self.limit)
         if not events:
             return None
+        # ``chained``: the batch follows one sent before it, so the cloud
+        # applies it only after that one (a first batch may skip events the
+        # user purged here).
         body = {
             "instance": self.store.instance,
             "after": after,
+            "chained": chained,
             "events": [encode_event(event) for event in events],
         }
         headers, content = encode_body(body)
@@ -242,11 +278,11 @@ class Uplink:
                 self._ceiling = None
         self.limit = max(1, min(ceiling, self.limit * 2))
 
-    async def _send(self, batch: _Batch) -> bool:
-        """Push one batch; True when the cloud applied all of it."""
-        started = time.perf_counter()
+    async def _answered(self, flight: _Flight) -> bool:
+        """Take one batch's answer; True when the cloud applied all of it."""
+        batch, started = flight.batch, flight.started
         try:
-            answer = await self.client.push(batch.headers, batch.content)
+            answer = await flight.answer
         except Gap as gap:
             await self._acknowledged()
             self._gap(gap)

@@ -16,6 +16,8 @@ Both directions use the same rules:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -318,6 +320,43 @@ class Receiver:
             run.changes.delete_attribute(event.entity, scope, str(key))
         data = {"attributes": [str(key) for key in keys]}
         return [Message(ATTRIBUTES_DELETED, event.entity, data, metadata)]
+
+
+class BatchOrder:
+    """Hands a sender's batches to the writer in sequence order.
+
+    A sender keeps two batches in flight, each on its own connection, so the
+    second may be read before the first. A chained batch whose ``after`` lies
+    beyond what was handed over so far waits, up to ``wait`` seconds, for the
+    batch before it; past that it goes on, and the writer answers 409 unless
+    the batch before was applied meanwhile. Runs on the event loop.
+    """
+
+    def __init__(self, wait: float = 5.0) -> None:
+        self.wait = wait
+        self._handed: dict[str, int] = {}
+        self._changed: asyncio.Condition | None = None
+
+    async def turn(self, key: str, after: int, applied: int) -> None:
+        """Wait until the events through ``after`` were handed to the writer."""
+        if after <= max(applied, self._handed.get(key, 0)):
+            return
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        changed = self._changed
+        async with changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    changed.wait_for(lambda: self._handed.get(key, 0) >= after),
+                    self.wait,
+                )
+
+    async def handed(self, key: str, last: int) -> None:
+        """Note that the events through ``last`` went to the writer."""
+        self._handed[key] = max(self._handed.get(key, 0), last)
+        if self._changed is not None:
+            async with self._changed:
+                self._changed.notify_all()
 
 
 def peer_key(kind: str, name: str, instance: str) -> str:

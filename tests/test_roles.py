@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import pytest
@@ -239,8 +240,16 @@ def edge_dead_and_pending(edge) -> tuple[int, int]:
     return queue["dead_letters"], queue["pending"]
 
 
-def uplink(cloud, events, *, secret=SECRET, after=0, instance="abcdef0123456789"):
-    body = {"instance": instance, "after": after, "events": events}
+def uplink(
+    cloud,
+    events,
+    *,
+    secret=SECRET,
+    after=0,
+    instance="abcdef0123456789",
+    chained=False,
+):
+    body = {"instance": instance, "after": after, "chained": chained, "events": events}
     return httpx.post(
         f"{cloud.url}/api/edge/v1/uplink", json=body, auth=(KEY, secret), timeout=10
     )
@@ -289,6 +298,81 @@ def test_a_batch_sent_twice_is_applied_once(roles):
     ]
     metrics = httpx.get(f"{cloud.url}/metrics").text
     assert 'edgectl_events_received_total{role="cloud"} 3' in metrics
+
+
+def test_a_batch_read_before_the_one_it_follows_waits_for_it(roles):
+    # An edge keeps two batches in flight on two connections; the cloud may
+    # read the second first. It waits for the first instead of answering 409.
+    cloud = roles("cloud")
+    remote.call(
+        cloud.url,
+        "POST",
+        "/api/edgectl/edges",
+        {"name": "site-1", "key": KEY, "secret": SECRET},
+    )
+    created = {
+        "seq": 1,
+        "action": "ENTITY_CREATED",
+        "entity_type": "DEVICE",
+        "entity_name": "pump",
+        "ts": 0,
+        "body": {"type": "pump"},
+    }
+    readings = [
+        {
+            "seq": seq,
+            "action": "TIMESERIES_UPDATED",
+            "entity_type": "DEVICE",
+            "entity_name": "pump",
+            "ts": seq,
+            "body": {"data": {"n": seq}, "ts": seq},
+        }
+        for seq in range(2, 6)
+    ]
+    answers: dict[str, httpx.Response] = {}
+    second = threading.Thread(
+        target=lambda: answers.update(
+            second=uplink(cloud, readings[2:], after=3, chained=True)
+        )
+    )
+    second.start()
+    time.sleep(0.5)
+    answers["first"] = uplink(cloud, [created, *readings[:2]])
+    second.join(15)
+
+    assert answers["first"].json() == {"applied_through": 3, "rejected": None}
+    assert answers["second"].json() == {"applied_through": 5, "rejected": None}
+    rows = cloud_rows(cloud, "ts_kv")
+    assert sorted(row["value"] for row in rows) == [2, 3, 4, 5]
+
+
+def test_a_chained_batch_whose_predecessor_never_came_is_refused_not_applied(roles):
+    # Applying it would mark the missing events as applied: they would be
+    # lost when they came. A first (not chained) batch may start further on,
+    # past events the edge purged.
+    cloud = roles("cloud")
+    remote.call(
+        cloud.url,
+        "POST",
+        "/api/edgectl/edges",
+        {"name": "site-1", "key": KEY, "secret": SECRET},
+    )
+    created = {
+        "seq": 4,
+        "action": "ENTITY_CREATED",
+        "entity_type": "DEVICE",
+        "entity_name": "pump",
+        "ts": 0,
+        "body": {"type": "pump"},
+    }
+
+    refused = uplink(cloud, [created], after=3, chained=True)
+    assert refused.status_code == 409
+    assert refused.headers["X-Expected"] == "0"
+    assert remote.call(cloud.url, "GET", "/api/edgectl/devices") == []
+
+    jumped = uplink(cloud, [created], after=3)
+    assert jumped.json() == {"applied_through": 4, "rejected": None}
 
 
 def test_wrong_edge_secret_is_refused_with_401(roles):
