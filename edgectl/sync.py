@@ -9,6 +9,10 @@ Both directions use the same rules:
   unknown device, a body its chain refuses) and reports that event; everything
   before it is committed. The sender counts attempts on that event and, past
   its limit, moves it to the dead letters so the events behind it can flow.
+- Each batch says which sequence it follows (``after``). A first batch may
+  start past the receiver's cursor (the sender purged what lay between); a
+  ``chained`` uplink batch follows one still in flight and is applied only after
+  that one (``BatchOrder``), else refused with 409, never passed over.
 - An event becomes a message for the receiver's root chain with metadata
   ``source`` naming the sender, so push nodes never send it back. Attribute
   updates are stored directly first, and never over a newer value.
