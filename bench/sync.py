@@ -3,15 +3,21 @@
 Builds an edge file holding N queued telemetry events (one reading each) while
 no cloud exists, then starts a real cloud and a real edge (``edgectl run``
 subprocesses) and times the drain, printing the rate at each 10% of the
-backlog so a falling rate shows. Usage: ``python bench/sync.py [--events N]``.
+backlog so a falling rate shows. With ``--rtt-ms MS`` the edge reaches the
+cloud through a proxy that delays every chunk by half that each way, as a
+link to a distant cloud would.
+
+Usage: ``python bench/sync.py [--events N] [--rtt-ms MS]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -48,6 +54,51 @@ def build_backlog(path: Path, events: int, devices: int = 10) -> None:
     store.close()
 
 
+def start_delay_proxy(target_port: int, rtt_ms: float) -> int:
+    """Forward a loopback port to ``target_port``, each chunk delayed by half
+    the round trip each way (order kept); returns the port, serving from a
+    thread."""
+    delay = rtt_ms / 2000
+    ready: list[int] = []
+    started = threading.Event()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await chunks.get()
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                if not data:
+                    writer.close()
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        sender = asyncio.create_task(deliver())
+        while True:
+            data = await reader.read(1 << 16)
+            chunks.put_nowait((loop.time() + delay, data))
+            if not data:
+                break
+        await sender
+
+    async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True)
+
+    async def serve() -> None:
+        server = await asyncio.start_server(connected, "127.0.0.1", 0)
+        ready.append(server.sockets[0].getsockname()[1])
+        started.set()
+        await server.serve_forever()
+
+    threading.Thread(target=lambda: asyncio.run(serve()), daemon=True).start()
+    started.wait(10)
+    return ready[0]
+
+
 def metric(url: str, name: str) -> float:
     try:
         text = httpx.get(f"{url}/metrics", timeout=5).text
@@ -62,9 +113,10 @@ def metric(url: str, name: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--rtt-ms", type=float, default=0.0)
     options = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="edgectl-bench-sync-"))
-    print(f"cores: {os.cpu_count()}  backlog: {options.events:,} events  folder: {folder}")
+    print(f"cores: {os.cpu_count()}  backlog: {options.events:,} events  round trip: {options.rtt_ms:g} ms added  folder: {folder}")
 
     began = time.perf_counter()
     build_backlog(folder / "edge.duckdb", options.events)
@@ -76,8 +128,12 @@ def main() -> None:
     cloud, cloud_url = start_role("cloud", folder)
     total = options.events + 10
     began = time.perf_counter()
+    via = cloud_url
+    if options.rtt_ms:
+        port = start_delay_proxy(int(cloud_url.rsplit(":", 1)[1]), options.rtt_ms)
+        via = f"http://127.0.0.1:{port}"
     edge, edge_url = start_role(
-        "edge", folder, "--cloud", cloud_url, "--edge-key", "bench",
+        "edge", folder, "--cloud", via, "--edge-key", "bench",
         env={"EDGECTL_EDGE_SECRET": "bench"},
     )
     marks, last = iter(range(10, 101, 10)), (0.0, 0.0)

@@ -78,8 +78,10 @@ class _Flight:
     started: float
 
 
-# Batches in flight at once: the cloud reads and parses the next while it
-# applies one. Answers still come and are taken in order.
+# Batches in flight at once: the next travels and is parsed while the cloud
+# applies one. Over a link with a 60 ms round trip a backlog drained at
+# 26,600 events/s with one, 40,700 with two, 43,800 with three
+# (``bench/sync.py --rtt-ms 60``). Answers are taken in order.
 IN_FLIGHT = 2
 
 
