@@ -24,9 +24,8 @@ def add_device(edge, name: str, token: str, kind: str = "thermometer") -> None:
     remote.call(edge.url, "POST", "/api/edgectl/devices", body)
 
 
-@pytest.fixture
-def pair(roles):
-    """A cloud with one registered edge, and that edge syncing to it."""
+def cloud_with_edge(roles):
+    """A running cloud with edge site-1 registered (key KEY, secret SECRET)."""
     cloud = roles("cloud")
     remote.call(
         cloud.url,
@@ -34,6 +33,13 @@ def pair(roles):
         "/api/edgectl/edges",
         {"name": "site-1", "key": KEY, "secret": SECRET},
     )
+    return cloud
+
+
+@pytest.fixture
+def pair(roles):
+    """A cloud with one registered edge, and that edge syncing to it."""
+    cloud = cloud_with_edge(roles)
     edge = roles(
         "edge",
         "--cloud",
@@ -128,13 +134,7 @@ def test_a_backlog_in_many_small_batches_arrives_once_in_order_and_is_acknowledg
     # Batches of 7 make the 300 readings travel as 43 pushes back to back:
     # each next batch is read while one travels, and acknowledgements that
     # arrive while one commits are folded into it.
-    cloud = roles("cloud")
-    remote.call(
-        cloud.url,
-        "POST",
-        "/api/edgectl/edges",
-        {"name": "site-1", "key": KEY, "secret": SECRET},
-    )
+    cloud = cloud_with_edge(roles)
     cloud.stop()
     settings = tmp_path / "edge.yaml"
     settings.write_text("batch_size: 7\n")
@@ -170,13 +170,7 @@ def test_a_backlog_in_many_small_batches_arrives_once_in_order_and_is_acknowledg
 
 
 def test_edge_started_while_the_cloud_is_down_drains_when_it_comes_up(roles):
-    cloud = roles("cloud")
-    remote.call(
-        cloud.url,
-        "POST",
-        "/api/edgectl/edges",
-        {"name": "site-1", "key": KEY, "secret": SECRET},
-    )
+    cloud = cloud_with_edge(roles)
     cloud.stop()
     edge = roles(
         "edge",
@@ -256,13 +250,7 @@ def uplink(
 
 
 def test_a_batch_sent_twice_is_applied_once(roles):
-    cloud = roles("cloud")
-    remote.call(
-        cloud.url,
-        "POST",
-        "/api/edgectl/edges",
-        {"name": "site-1", "key": KEY, "secret": SECRET},
-    )
+    cloud = cloud_with_edge(roles)
     events = [
         {
             "seq": 1,
@@ -303,13 +291,7 @@ def test_a_batch_sent_twice_is_applied_once(roles):
 def test_a_batch_read_before_the_one_it_follows_waits_for_it(roles):
     # An edge keeps two batches in flight on two connections; the cloud may
     # read the second first. It waits for the first instead of answering 409.
-    cloud = roles("cloud")
-    remote.call(
-        cloud.url,
-        "POST",
-        "/api/edgectl/edges",
-        {"name": "site-1", "key": KEY, "secret": SECRET},
-    )
+    cloud = cloud_with_edge(roles)
     created = {
         "seq": 1,
         "action": "ENTITY_CREATED",
@@ -350,13 +332,7 @@ def test_a_chained_batch_whose_predecessor_never_came_is_refused_not_applied(rol
     # Applying it would mark the missing events as applied: they would be
     # lost when they came. A first (not chained) batch may start further on,
     # past events the edge purged.
-    cloud = roles("cloud")
-    remote.call(
-        cloud.url,
-        "POST",
-        "/api/edgectl/edges",
-        {"name": "site-1", "key": KEY, "secret": SECRET},
-    )
+    cloud = cloud_with_edge(roles)
     created = {
         "seq": 4,
         "action": "ENTITY_CREATED",
@@ -376,13 +352,7 @@ def test_a_chained_batch_whose_predecessor_never_came_is_refused_not_applied(rol
 
 
 def test_wrong_edge_secret_is_refused_with_401(roles):
-    cloud = roles("cloud")
-    remote.call(
-        cloud.url,
-        "POST",
-        "/api/edgectl/edges",
-        {"name": "site-1", "key": KEY, "secret": SECRET},
-    )
+    cloud = cloud_with_edge(roles)
     answer = uplink(cloud, [], secret="not-the-secret")
     assert answer.status_code == 401
     assert answer.json() == {"error": "wrong edge key or secret"}
@@ -522,13 +492,7 @@ def test_attributes_changed_on_both_sides_while_apart_converge_on_the_newest(pai
 def test_resend_sends_kept_delivered_events_again_and_the_cloud_applies_them_once(
     roles, tmp_path
 ):
-    cloud = roles("cloud")
-    remote.call(
-        cloud.url,
-        "POST",
-        "/api/edgectl/edges",
-        {"name": "site-1", "key": KEY, "secret": SECRET},
-    )
+    cloud = cloud_with_edge(roles)
     settings = tmp_path / "edge.yaml"
     settings.write_text("keep_delivered_seconds: 3600\n")
     edge = roles(
