@@ -577,19 +577,30 @@ async def uplink(service: Service, request: Request) -> Response:
     """
     edge = authenticate_edge(service, request)
     limits = service.limits
-    body = await read_body(
-        request, limits.max_sync_body_bytes, limits.client_timeout_seconds
-    )
-    events, instance, after, chained = _uplink_batch(parse_body(body))
-    key = peer_key("edge", edge.name, instance)
     order = service.uplink_order
+    try:
+        body = await read_body(
+            request, limits.max_sync_body_bytes, limits.client_timeout_seconds
+        )
+        events, instance, after, chained = _uplink_batch(parse_body(body))
+    except HttpError:
+        # A batch chained behind this one must not wait for it.
+        await order.failed(edge.name, 0)
+        raise
+    key = peer_key("edge", edge.name, instance)
     if chained:
-        await order.turn(key, after, service.store.applied_seq(key))
+        await order.turn(edge.name, after, service.store.applied_seq(key))
     future = service.writer.call(
         lambda: _apply_uplink(service, events, key, after, edge, chained=chained)
     )
-    await order.handed(key, events[-1].seq if events else after)
-    result = await asyncio.wrap_future(future)
+    await order.handed(edge.name, events[-1].seq if events else after)
+    try:
+        result = await asyncio.wrap_future(future)
+    except Exception:
+        await order.failed(edge.name, service.store.applied_seq(key))
+        raise
+    if result.rejected is not None:
+        await order.failed(edge.name, result.applied_through)
     service.metrics.add("events_received", result.applied)
     rejected = result.rejected
     refusal = {"seq": rejected.seq, "error": rejected.error} if rejected else None

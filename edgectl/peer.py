@@ -12,7 +12,6 @@ sending it and no sign of why.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -189,8 +188,9 @@ class Uplink:
                 if batch is None and flying:
                     batch = await asyncio.to_thread(self._read, flying[-1].batch.last)
         finally:
-            for flight in flying:
-                await _settle(flight.answer)
+            # The batches behind one not applied whole are let go at once:
+            # the cloud applies a chained batch only after the one before.
+            await _abandon(flying)
 
     def _room(self, flying: deque[_Flight]) -> bool:
         # A second batch goes before the first is answered only behind a full
@@ -207,14 +207,20 @@ class Uplink:
 
     def _first_batch(self) -> _Batch | None:
         # The cursor is read from the file at the start of each stream, so a
-        # replay that moved it through the admin API takes effect.
+        # replay that moved it through the admin API takes effect. The epoch
+        # is taken first: a replay between the two reads then marks the
+        # batch as read before it.
+        epoch = self.store.queue_epoch
         self.delivered = delivered_seq(self.store, CLOUD_QUEUE, None)
-        return self._read(self.delivered, chained=False)
+        return self._read(self.delivered, chained=False, epoch=epoch)
 
-    def _read(self, after: int, *, chained: bool = True) -> _Batch | None:
+    def _read(
+        self, after: int, *, chained: bool = True, epoch: int | None = None
+    ) -> _Batch | None:
         # Runs in a thread while the batch before travels: the body is encoded
         # and compressed here, so it leaves the moment the answer comes.
-        epoch = self.store.queue_epoch
+        if epoch is None:
+            epoch = self.store.queue_epoch
         events = read_pending(self.store, CLOUD_QUEUE, None, after, self.limit)
         if not events:
             return None
@@ -325,12 +331,12 @@ class Uplink:
     def _gap(self, gap: Gap) -> None:
         # Events above our cursor are contiguous unless a user purged some; the
         # cloud then asks for what it expects, and we resume from our cursor.
+        self.delivered = delivered_seq(self.store, CLOUD_QUEUE, None)
         logger.warning(
             "the cloud expects events after seq %d; resending from %d",
             gap.expected,
             self.delivered,
         )
-        self.delivered = delivered_seq(self.store, CLOUD_QUEUE, None)
         raise TransportError(str(gap))
 
     def _acknowledge(self, answer: dict[str, Any], batch: _Batch) -> int:
@@ -410,10 +416,16 @@ class Uplink:
             self._down_since = None
 
 
-async def _settle(future: asyncio.Future[Any]) -> None:
-    """Wait for a read running in a thread whose result is not needed."""
-    with contextlib.suppress(Exception):
-        await future
+async def _abandon(flying: deque[_Flight]) -> None:
+    """Cancel pushes whose answers are not needed, and let them end."""
+    answers = [flight.answer for flight in flying]
+    for answer in answers:
+        answer.cancel()
+    if answers:
+        await asyncio.wait(answers)
+    for answer in answers:
+        if not answer.cancelled():
+            answer.exception()
 
 
 async def wait_until_up(client: CloudClient, delay: float, stop: asyncio.Event) -> None:

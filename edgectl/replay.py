@@ -168,6 +168,14 @@ def purge(store: Store, selection: Selection, *, dry_run: bool = False) -> int:
         raise ConfigError(
             "purging pending events needs --last SEQ: everything up to it is dropped"
         )
+    newest = store.next_seq - 1
+    if selection.last > newest:
+        # A cursor past the newest event would hide every event queued after
+        # the purge: it would get a lower sequence and never be sent.
+        raise ConfigError(
+            f"--last {selection.last} is past the newest event, seq {newest}; "
+            f"give --last {newest} to drop everything pending"
+        )
     edge = selection.edge if selection.queue == EDGE_QUEUE else None
     delivered = delivered_seq(store, selection.queue, edge)
     extra = " AND edge = ?" if edge else ""

@@ -332,32 +332,49 @@ class BatchOrder:
     A sender keeps two batches in flight, each on its own connection, so the
     second may be read before the first. A chained batch whose ``after`` lies
     beyond what was handed over so far waits, up to ``wait`` seconds, for the
-    batch before it; past that it goes on, and the writer answers 409 unless
-    the batch before was applied meanwhile. Runs on the event loop.
+    batch before it, or until a batch of that sender fails (refused before it
+    was handed over, or not applied whole); then it goes on, and the writer
+    answers 409 unless the batch before was applied meanwhile. Keyed by the
+    sending edge; runs on the event loop.
     """
 
     def __init__(self, wait: float = 5.0) -> None:
         self.wait = wait
         self._handed: dict[str, int] = {}
+        self._failures: dict[str, int] = {}
         self._changed: asyncio.Condition | None = None
 
-    async def turn(self, key: str, after: int, applied: int) -> None:
+    async def turn(self, sender: str, after: int, applied: int) -> None:
         """Wait until the events through ``after`` were handed to the writer."""
-        if after <= max(applied, self._handed.get(key, 0)):
+        if after <= max(applied, self._handed.get(sender, 0)):
             return
         if self._changed is None:
             self._changed = asyncio.Condition()
-        changed = self._changed
-        async with changed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    changed.wait_for(lambda: self._handed.get(key, 0) >= after),
-                    self.wait,
-                )
+        failures = self._failures.get(sender, 0)
 
-    async def handed(self, key: str, last: int) -> None:
-        """Note that the events through ``last`` went to the writer."""
-        self._handed[key] = max(self._handed.get(key, 0), last)
+        def ready() -> bool:
+            return (
+                self._handed.get(sender, 0) >= after
+                or self._failures.get(sender, 0) != failures
+            )
+
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait_for(ready), self.wait)
+
+    async def handed(self, sender: str, last: int) -> None:
+        """Note that a batch through ``last`` went to the writer."""
+        self._handed[sender] = last
+        await self._notify()
+
+    async def failed(self, sender: str, applied: int) -> None:
+        """A batch of the sender was refused or not applied whole: what was
+        handed over is what ``applied`` says, and waiting batches go on."""
+        self._handed[sender] = applied
+        self._failures[sender] = self._failures.get(sender, 0) + 1
+        await self._notify()
+
+    async def _notify(self) -> None:
         if self._changed is not None:
             async with self._changed:
                 self._changed.notify_all()
