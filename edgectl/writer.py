@@ -79,6 +79,7 @@ class Writer:
         self.checkpoint_seconds = checkpoint_seconds
         self.commit_interval = commit_interval
         self._last_commit = 0.0
+        self._usual_jobs = 1.0
         self.hooks: list[CommitHook] = []
         self.stats_hooks: list[Callable[[BatchStats], None]] = []
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -116,6 +117,7 @@ class Writer:
                 continue
             self._pace()
             batch, after = self._gather(job)
+            self._usual_jobs = max(float(len(batch)), self._usual_jobs * 0.95)
             self._commit(batch)
             if after is _STOP:
                 return
@@ -127,15 +129,17 @@ class Writer:
         # A commit costs about 4 ms of CPU however few messages it holds. Left
         # to commit whatever is waiting at once, a steady 1,000 requests/s
         # made 200 commits of five messages each, every second, and the
-        # commits alone took a core. Starting commits at most every
-        # ``commit_interval`` seconds lets the messages of that time share
-        # one; an idle writer still commits a lone message at once.
-        now = time.monotonic()
-        wait = self._last_commit + self.commit_interval - now
-        if wait > 0:
-            time.sleep(wait)
-            now += wait
-        self._last_commit = now
+        # commits alone took a core. So a commit starts at most every
+        # ``commit_interval`` seconds, and the messages of that time share
+        # it; an idle writer still commits a lone message at once. It need
+        # not wait once as many requests wait as recent commits held (a
+        # slowly fading maximum): the clients they answered have come back.
+        deadline = self._last_commit + self.commit_interval
+        while time.monotonic() < deadline:
+            if self._jobs.qsize() + 1 >= self._usual_jobs:
+                break
+            time.sleep(0.0005)
+        self._last_commit = time.monotonic()
 
     def _gather(self, first: _Ingest) -> tuple[list[_Ingest], Any]:
         batch, count = [first], len(first.messages)
