@@ -344,7 +344,7 @@ def test_bad_security_settings_are_refused_before_starting(
 
 
 def test_storage_memory_defaults_by_role_and_can_be_set():
-    assert load_config("edge", None, {}).storage_memory == "128MiB"
+    assert load_config("edge", None, {}).storage_memory == "96MiB"
     assert load_config("cloud", None, {}).storage_memory == "1024MiB"
     setting = {"storage_memory_mb": "256"}
     assert load_config("edge", None, setting).storage_memory == "256MiB"
