@@ -337,7 +337,7 @@ class Uplink:
             gap.expected,
             self.delivered,
         )
-        raise TransportError(str(gap))
+        raise gap
 
     def _acknowledge(self, answer: dict[str, Any], batch: _Batch) -> int:
         if batch.epoch != self.store.queue_epoch:
@@ -388,6 +388,11 @@ class Uplink:
     async def _wait_out(
         self, error: TransportError, backoff: Backoff, stop: asyncio.Event
     ) -> None:
+        if isinstance(error, Gap):
+            # The cloud answered; the stream starts again from the cursor
+            # after a short pause, without calling the cloud unavailable.
+            await sleep_or_wake(min(backoff.next_delay(), 1.0), stop)
+            return
         if self._down_since is None:
             self._down_since = time.monotonic()
             hint = (
