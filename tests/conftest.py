@@ -314,3 +314,26 @@ class StoredRows:
 def stored(store: Store) -> StoredRows:
     """Read back rows of the ``store`` fixture's file."""
     return StoredRows(store)
+
+
+def cloud_chain_refusing(n: int) -> str:
+    """A cloud chain that stores telemetry but refuses the reading ``n == N``."""
+    return f"""
+name: Cloud chain that refuses reading {n}
+entry: route
+nodes:
+  - id: route
+    type: message_type_switch
+    next:
+      Post telemetry: check
+  - id: check
+    type: filter
+    config:
+      script: |
+        if (msg.n === {n}) {{ throw new Error("reading {n} is poison"); }}
+        return true;
+    next:
+      True: save
+  - id: save
+    type: save_timeseries
+"""

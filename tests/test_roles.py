@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from conftest import wait_for
+from conftest import cloud_chain_refusing, wait_for
 
 from edgectl import remote
 
@@ -359,30 +359,9 @@ def test_wrong_edge_secret_is_refused_with_401(roles):
     assert httpx.get(f"{cloud.url}/api/edge/v1/hello").status_code == 401
 
 
-POISON_CLOUD_CHAIN = """
-name: Cloud chain that refuses poison
-entry: route
-nodes:
-  - id: route
-    type: message_type_switch
-    next:
-      Post telemetry: check
-  - id: check
-    type: filter
-    config:
-      script: |
-        if (msg.n === 5) { throw new Error("reading 5 is poison"); }
-        return true;
-    next:
-      True: save
-  - id: save
-    type: save_timeseries
-"""
-
-
 def test_a_poison_event_is_dead_lettered_while_the_rest_flow(roles, tmp_path):
     chain = tmp_path / "cloud-chain.yaml"
-    chain.write_text(POISON_CLOUD_CHAIN)
+    chain.write_text(cloud_chain_refusing(5))
     cloud = roles("cloud", "--chain", str(chain))
     remote.call(
         cloud.url,

@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from conftest import wait_for
+from conftest import cloud_chain_refusing, wait_for
 
 from edgectl import remote
 from edgectl.errors import PeerRejectedError
@@ -131,33 +131,12 @@ def assert_clean_log(role) -> None:
     assert "Traceback" not in log, log[-4000:]
 
 
-POISON_CLOUD_CHAIN = """
-name: Cloud chain that refuses one reading
-entry: route
-nodes:
-  - id: route
-    type: message_type_switch
-    next:
-      Post telemetry: check
-  - id: check
-    type: filter
-    config:
-      script: |
-        if (msg.n === 150) { throw new Error("reading 150 is poison"); }
-        return true;
-    next:
-      True: save
-  - id: save
-    type: save_timeseries
-"""
-
-
 def test_a_poison_event_mid_backlog_is_dead_lettered_and_the_rest_arrive_once(
     roles, tmp_path
 ):
     # Batches of 7 keep two in flight: the one behind the poison's batch is
     # chained to it, and must be refused, not applied over the hole.
-    cloud, edge = start_pair(roles, tmp_path, cloud_chain=POISON_CLOUD_CHAIN)
+    cloud, edge = start_pair(roles, tmp_path, cloud_chain=cloud_chain_refusing(150))
     queue_backlog(edge, 300)
 
     cloud.start()
