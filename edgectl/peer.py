@@ -58,7 +58,6 @@ class _Batch:
     """Queued events read for one push, and the push's headers and body."""
 
     events: list[Event]
-    after: int
     headers: dict[str, str]
     content: bytes
     epoch: int
@@ -157,10 +156,10 @@ class Uplink:
     async def _stream(self, stop: asyncio.Event) -> bool:
         """Send batches while the queue has events; True if any was applied.
 
-        Two batches are in flight at a time, and a third is read meanwhile, so
-        the cloud parses one while it applies the other. Answers are taken in
-        order; once one is not applied whole, the batch after it is let go
-        (the cloud refused it or applies it once) and the stream ends, to
+        While a backlog drains, ``IN_FLIGHT`` batches travel at once and the
+        next is read meanwhile. Answers are taken in order; once one is not
+        applied whole, the batches behind it are let go (the cloud applies a
+        chained batch only after the one before) and the stream ends, to
         start again from the cursor.
         """
         # Cleared before the read: a commit after it sets the flag again, so
@@ -234,7 +233,7 @@ class Uplink:
             "events": [encode_event(event) for event in events],
         }
         headers, content = encode_body(body)
-        return _Batch(events, after, headers, content, epoch)
+        return _Batch(events, headers, content, epoch)
 
     async def _acknowledged(self) -> None:
         """Commit every acknowledgement owed, and wait for it."""

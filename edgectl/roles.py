@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import signal
 import socket
 import sys
@@ -18,7 +19,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -113,21 +114,23 @@ def _count(metrics: Metrics, stats: BatchStats) -> None:
 def _add_gauges(service: Service) -> None:
     queue = CLOUD_QUEUE if service.role == "edge" else EDGE_QUEUE
 
-    cached: list[Any] = [0.0, (0.0, 0.0, 0.0)]
+    last: tuple[float, tuple[float, float, float]] = (-math.inf, (0.0, 0.0, 0.0))
 
     def totals() -> tuple[float, float, float]:
         # Three gauges come from one look at the queues, taken at most once a
         # second: a scraper polling fast must not slow the role it watches.
-        if time.monotonic() - cached[0] < 1.0:
-            return cast(tuple[float, float, float], cached[1])
+        nonlocal last
+        if time.monotonic() - last[0] < 1.0:
+            return last[1]
         stats = queue_stats(service.store, queue)
         depth = sum(s.pending for s in stats)
         oldest = min(
             (s.oldest_pending_ts for s in stats if s.oldest_pending_ts), default=None
         )
         lag = (now_ms() - oldest) / 1000 if oldest else 0.0
-        cached[:] = [time.monotonic(), (depth, lag, sum(s.dead_letters for s in stats))]
-        return cast(tuple[float, float, float], cached[1])
+        dead = sum(s.dead_letters for s in stats)
+        last = (time.monotonic(), (depth, lag, dead))
+        return last[1]
 
     service.metrics.gauges["queue_depth"] = lambda: totals()[0]
     service.metrics.gauges["queue_lag_seconds"] = lambda: totals()[1]

@@ -96,6 +96,21 @@ FULL = re.compile(
 )
 
 
+def test_queue_gauges_follow_the_queue_within_a_second(edge_with):
+    # The gauges come from one look at the queue a second at most; they must
+    # still move with it, not stick at the first value read.
+    edge = edge_with("max_queue_bytes: 0\n")
+    assert metric(edge, 'edgectl_queue_depth{role="edge"}') == 1
+    for number in range(3):
+        assert post(edge, "T-meter", {"n": number}).status_code == 200
+    wait_for(
+        lambda: metric(edge, 'edgectl_queue_depth{role="edge"}') == 4,
+        timeout=5,
+        what="the queue depth gauge to count the three readings",
+    )
+    assert metric(edge, 'edgectl_dead_letters{role="edge"}') == 0
+
+
 def test_a_full_queue_answers_503_with_retry_after_and_stores_nothing(edge_with):
     edge = edge_with("max_queue_bytes: 3000\n")
     answers = []
