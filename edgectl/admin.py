@@ -112,6 +112,7 @@ async def add_edge(service: Service, request: Request) -> Response:
 
 async def inspect_tables(service: Service, request: Request) -> Response:
     """``GET /api/edgectl/tables``: counts and queue state."""
+    await service.settled()
     return JSONResponse(await asyncio.to_thread(overview, service.store))
 
 
@@ -137,6 +138,7 @@ async def inspect_table(service: Service, request: Request) -> Response:
         limit=_int(request, "limit") or 50,
     )
     table = request.path_params["table"]
+    await service.settled()
     found = await asyncio.to_thread(rows, service.store, table, where)
     return JSONResponse(found)
 
@@ -157,6 +159,7 @@ async def replay(service: Service, request: Request) -> Response:
     selection = selection_from(data)
     action = request.path_params["action"]
     if action == "list":
+        await service.settled()
         found = await asyncio.to_thread(list_events, service.store, selection)
         return JSONResponse(found)
     operations = {"requeue": requeue_dead, "purge": purge, "resend": resend}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import gzip
 import hashlib
 import hmac
@@ -32,6 +33,7 @@ from starlette.routing import Route
 
 from edgectl.changes import DELETED, AttributeValue, ChangeSet
 from edgectl.errors import EdgectlError, StorageError
+from edgectl.journal import ATTRIBUTES, TELEMETRY, Journal, Record
 from edgectl.message import (
     ATTRIBUTES_UPDATED,
     POST_ATTRIBUTES_REQUEST,
@@ -83,6 +85,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 MAX_KEY_CHARS = 255
 MAX_VALUE_DEPTH = 64
 QUEUE_FULL_RETRY_SECONDS = 5
+SETTLE_SECONDS = 5.0
 
 
 class HttpError(Exception):
@@ -134,6 +137,32 @@ class Service:
     _edge_waiters: dict[str, asyncio.Event] = field(default_factory=dict)
     _edge_polls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     uplink_order: BatchOrder = field(default_factory=BatchOrder)
+    journal: Journal | None = None
+    _last_arrival: dict[str, int] = field(default_factory=dict)
+
+    def arrival_ts(self, device: str) -> int:
+        """The server timestamp of a request from ``device`` arriving now.
+
+        Strictly later than the device's previous one: readings without a
+        ``ts`` are keyed by it, and two requests in one millisecond would
+        otherwise overwrite each other.
+        """
+        ts = max(now_ms(), self._last_arrival.get(device, 0) + 1)
+        self._last_arrival[device] = ts
+        return ts
+
+    async def settled(self) -> None:
+        """Wait until what the device API has answered is stored, so reads see it.
+
+        Journaled readings are answered before their commit; a no-op queued
+        behind them on the writer completes once they are in. While storing
+        fails it waits at most ``SETTLE_SECONDS`` and then reads what there is.
+        """
+        if self.journal is None:
+            return
+        barrier = asyncio.wrap_future(self.writer.call(lambda: None))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(barrier, SETTLE_SECONDS)
 
     def on_commit(self, changes: ChangeSet) -> None:
         """Writer hook: wake long polls that the committed changes concern."""
@@ -415,45 +444,107 @@ async def _commit(service: Service, messages: list[Message], body: bytes) -> Non
     _note_accepted(service, body, len(messages))
 
 
-async def post_telemetry(service: Service, request: Request) -> Response:
-    """``POST /api/v1/{token}/telemetry``: store readings, answer after commit."""
-    device, body = await _device_body(service, request)
+async def _journal(
+    service: Service,
+    journal: Journal,
+    record: tuple[int, Entity, int, bytes],
+    messages: list[Message],
+    *,
+    wait: bool,
+) -> None:
+    kind, device, ts, body = record
+    stored = await journal.append(kind, device.name, ts, body, messages)
+    if wait:
+        await asyncio.wrap_future(stored)
+    service.metrics.add("messages_accepted", len(messages))
+    _note_accepted(service, body, len(messages))
+
+
+def telemetry_messages(
+    service: Service, device: Entity, body: bytes, ts: int
+) -> list[Message]:
+    """The messages of a telemetry body that arrived at ``ts``.
+
+    Raises HttpError (400, 413) for a body or value that cannot be stored.
+    """
     data = parse_body(body)
     if data == {} or data == []:
-        return Response(status_code=200)
+        return []
     if not isinstance(data, dict | list):
         raise HttpError(400, "body must be a JSON object or an array of objects")
     try:
-        groups = list(telemetry_groups(data, now_ms()))
+        groups = list(telemetry_groups(data, ts))
     except ValueRejected as error:
         raise HttpError(400, str(error)) from None
     messages = []
-    for index, (ts, values) in enumerate(groups):
+    for index, (reading_ts, values) in enumerate(groups):
         where = f"item {index}: " if isinstance(data, list) else ""
         check_values(values, service.limits, where)
         if values:
-            metadata = _metadata(device, ts)
+            metadata = _metadata(device, reading_ts)
             messages.append(
                 Message(POST_TELEMETRY_REQUEST, device.ref, values, metadata)
             )
-    if messages:
-        await _commit(service, messages, body)
-    return Response(status_code=200)
+    return messages
 
 
-async def post_attributes(service: Service, request: Request) -> Response:
-    """``POST /api/v1/{token}/attributes``: client attributes, a flat object."""
-    device, body = await _device_body(service, request)
+def attribute_messages(
+    service: Service, device: Entity, body: bytes, ts: int
+) -> list[Message]:
+    """The message of a client attributes body that arrived at ``ts``.
+
+    Raises HttpError (400, 413) for a body or value that cannot be stored.
+    """
     data = parse_body(body)
     if not isinstance(data, dict):
         raise HttpError(400, "attributes must be a JSON object of key-values")
     if not data:
-        return Response(status_code=200)
+        return []
     check_values(data, service.limits)
-    metadata = {**_metadata(device, now_ms()), "notifyDevice": "false"}
-    message = Message(POST_ATTRIBUTES_REQUEST, device.ref, data, metadata)
-    await _commit(service, [message], body)
+    metadata = {**_metadata(device, ts), "notifyDevice": "false"}
+    return [Message(POST_ATTRIBUTES_REQUEST, device.ref, data, metadata)]
+
+
+_BUILDERS = {TELEMETRY: telemetry_messages, ATTRIBUTES: attribute_messages}
+
+
+def journal_messages(service: Service, record: Record) -> list[Message]:
+    """The messages of a journaled request, as they were when it arrived.
+
+    Raises HttpError when the device is gone or the body no longer passes the
+    limits in force.
+    """
+    device = service.store.entity(EntityRef(DEVICE, record.device))
+    if device is None:
+        raise HttpError(401, f"device {record.device!r} is no longer registered")
+    return _BUILDERS[record.kind](service, device, record.body, record.ts)
+
+
+async def _accept(service: Service, request: Request, kind: int) -> Response:
+    device, body = await _device_body(service, request)
+    ts = service.arrival_ts(device.name)
+    messages = _BUILDERS[kind](service, device, body, ts)
+    if not messages:
+        return Response(status_code=200)
+    # Attributes are answered after their commit, so a device that reads
+    # them back sees what it sent; readings only need to be safe on disk.
+    wait = kind == ATTRIBUTES
+    if service.journal is None:
+        await _commit(service, messages, body)
+    else:
+        record = (kind, device, ts, body)
+        await _journal(service, service.journal, record, messages, wait=wait)
     return Response(status_code=200)
+
+
+async def post_telemetry(service: Service, request: Request) -> Response:
+    """``POST /api/v1/{token}/telemetry``: readings, answered once durable."""
+    return await _accept(service, request, TELEMETRY)
+
+
+async def post_attributes(service: Service, request: Request) -> Response:
+    """``POST /api/v1/{token}/attributes``: client attributes, a flat object."""
+    return await _accept(service, request, ATTRIBUTES)
 
 
 def _keys(request: Request, name: str) -> list[str] | None:

@@ -24,11 +24,20 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
-from edgectl.api import Limits, Service, build_app, timed_http_protocol
+from edgectl.api import (
+    HttpError,
+    Limits,
+    Service,
+    build_app,
+    journal_messages,
+    timed_http_protocol,
+)
 from edgectl.changes import ChangeSet
 from edgectl.checks import load_chain
 from edgectl.config import RoleConfig
 from edgectl.engine import BuildContext, Engine
+from edgectl.errors import StorageError
+from edgectl.journal import JOURNAL_PEER, Journal, JournalFiles
 from edgectl.message import SOURCE_CLOUD, SOURCE_EDGE, now_ms
 from edgectl.metrics import Metrics
 from edgectl.outbox import CLOUD_QUEUE, EDGE_QUEUE, prune_delivered, queue_stats
@@ -71,6 +80,8 @@ def open_service(config: RoleConfig) -> Service:
     writer.hooks.append(service.on_commit)
     writer.stats_hooks.append(lambda stats: _count(metrics, stats))
     _add_gauges(service)
+    if config.role == "edge":
+        service.journal = _open_journal(store, writer)
     logger.info(
         "%s: chain %r from %s, data in %s",
         config.role,
@@ -79,6 +90,46 @@ def open_service(config: RoleConfig) -> Service:
         store.path,
     )
     return service
+
+
+def _open_journal(store: Store, writer: Writer) -> Journal:
+    files = JournalFiles(store.path, store.instance)
+    applied = store.applied_seq(JOURNAL_PEER)
+    try:
+        pending = files.recover(applied)
+    except StorageError:
+        store.close()
+        raise
+    journal = Journal(files, writer.submit, applied=applied, pending=pending)
+    writer.journal_stored = journal.on_stored
+    writer.journal_failing = journal.on_failing
+    return journal
+
+
+async def _replay_journal(service: Service, journal: Journal) -> None:
+    # Requests answered before a kill but not yet stored: run through the
+    # chain again, in order, before any new request is taken.
+    records, journal.pending = journal.pending, []
+    if not records:
+        return
+    last = None
+    for record in records:
+        try:
+            messages = journal_messages(service, record)
+        except HttpError as error:
+            logger.error(
+                "journal record %d (device %r) cannot be stored any more and is "
+                "dropped: %s",
+                record.seq,
+                record.device,
+                error.message,
+            )
+            continue
+        last = service.writer.submit(messages, record.seq)
+    if last is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wrap_future(last)
+    logger.info("stored %d requests left in the ingest journal", len(records))
 
 
 def _limits(config: RoleConfig) -> Limits:
@@ -155,6 +206,8 @@ async def _lifespan(config: RoleConfig, service: Service) -> AsyncIterator[None]
     service.loop = asyncio.get_running_loop()
     service.closing = asyncio.Event()
     service.writer.start()
+    if service.journal is not None:
+        await _replay_journal(service, service.journal)
     stop = asyncio.Event()
     tasks = [asyncio.create_task(_expire_loop(config, service, stop))]
     if service.quota is not None:
@@ -245,6 +298,8 @@ def _close(service: Service) -> None:
     from edgectl.scripting import close_all
 
     service.writer.stop()
+    if service.journal is not None:
+        service.journal.close()
     service.writer.engine.close()
     close_all()
     service.store.close()

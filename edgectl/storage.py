@@ -113,6 +113,26 @@ class Edge:
     created_ts: int
 
 
+# Errors of the file or the machine rather than of what was written: a disk
+# that is full or failing, memory that ran out. The same write may work later.
+_TRANSIENT = (
+    OSError,
+    duckdb.IOException,
+    duckdb.TransactionException,
+    duckdb.OutOfMemoryException,
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) may pass when tried again."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, _TRANSIENT):
+            return True
+        seen = seen.__cause__
+    return False
+
+
 @contextmanager
 def storage_errors(action: str, path: Path) -> Iterator[None]:
     """Turn DuckDB errors raised inside into StorageError naming the file."""

@@ -20,8 +20,9 @@ from typing import Any, TypeVar
 
 from edgectl.changes import ChangeSet
 from edgectl.engine import Engine, Run, log_failures
+from edgectl.journal import JOURNAL_PEER
 from edgectl.message import META_ERROR, Message
-from edgectl.storage import Store
+from edgectl.storage import Store, is_transient
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class BatchStats:
 @dataclass(slots=True)
 class _Ingest:
     messages: list[Message]
+    journal_seq: int = 0
     future: Future[int] = field(default_factory=Future)
 
 
@@ -82,6 +84,12 @@ class Writer:
         self._usual_jobs = 1.0
         self.hooks: list[CommitHook] = []
         self.stats_hooks: list[Callable[[BatchStats], None]] = []
+        # Set by the ingest journal: told the newest journal record stored,
+        # and whether storing journaled requests fails (an error) or works.
+        self.journal_stored: Callable[[int], None] | None = None
+        self.journal_failing: Callable[[Exception | None], None] | None = None
+        self._stopping = False
+        self._halted: Exception | None = None
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="edgectl-writer")
         self._last_checkpoint = time.monotonic()
@@ -91,13 +99,24 @@ class Writer:
         self._thread.start()
 
     def stop(self) -> None:
-        """Finish the jobs already queued, then stop the thread."""
+        """Finish the jobs already queued, then stop the thread.
+
+        A journaled request that cannot be stored is not retried past this:
+        it and the requests behind it stay in the journal for the next start.
+        """
+        self._stopping = True
         self._jobs.put(_STOP)
         self._thread.join()
 
-    def submit(self, messages: list[Message]) -> Future[int]:
-        """Queue messages for the chain; the future completes after commit."""
-        job = _Ingest(messages)
+    def submit(self, messages: list[Message], journal_seq: int = 0) -> Future[int]:
+        """Queue messages for the chain; the future completes after commit.
+
+        ``journal_seq`` names the ingest journal record the messages came
+        from: the commit records it, and a journaled request that fails to
+        store is retried while the file cannot be written, since its device
+        was answered already.
+        """
+        job = _Ingest(messages, journal_seq)
         self._jobs.put(job)
         return job.future
 
@@ -162,34 +181,103 @@ class Writer:
         except BaseException as error:
             job.future.set_exception(error)
 
-    def _commit(self, batch: list[_Ingest]) -> None:
+    def _commit(self, batch: list[_Ingest]) -> bool:
         started = time.perf_counter()
+        if self._halted is not None:
+            for job in batch:
+                job.future.set_exception(self._halted)
+            return False
         messages = [message for job in batch for message in job.messages]
         for order, message in enumerate(messages):
             message.order = order
+        journal_seq = max(job.journal_seq for job in batch)
+        cursor = (JOURNAL_PEER, journal_seq) if journal_seq else None
         try:
             changes, failures = self.run_chain(messages)
-            self.store.apply(changes)
+            self.store.apply(changes, cursor=cursor)
         except Exception as error:
-            self._fail(batch, error)
-            return
+            return self._fail(batch, error)
+        self._stored(batch, changes, failures, started)
+        return True
+
+    def _stored(
+        self,
+        batch: list[_Ingest],
+        changes: ChangeSet,
+        failures: int,
+        started: float,
+    ) -> None:
         for job in batch:
             job.future.set_result(failures)
-        self._after_commit(changes, len(messages), failures, started)
+        journal_seq = max(job.journal_seq for job in batch)
+        if journal_seq and self.journal_stored is not None:
+            self.journal_stored(journal_seq)
+        count = sum(len(job.messages) for job in batch)
+        self._after_commit(changes, count, failures, started)
 
-    def _fail(self, batch: list[_Ingest], error: Exception) -> None:
+    def _fail(self, batch: list[_Ingest], error: Exception) -> bool:
         # One request must not fail the requests that happened to share its
         # commit: when a shared batch fails, each request is stored alone, so
         # only the one that cannot be stored (or all, if the file is broken)
         # gets the error. The batch was rolled back, so nothing is doubled.
         if len(batch) > 1:
+            stored = False
             for job in batch:
                 _reset(job.messages)
-                self._commit([job])
-            return
-        count = len(batch[0].messages)
+                stored = self._commit([job]) or stored
+            return stored
+        job = batch[0]
+        if job.journal_seq:
+            return self._keep_trying(job, error)
+        count = len(job.messages)
         logger.debug("storing a request of %d messages failed: %s", count, error)
-        batch[0].future.set_exception(error)
+        job.future.set_exception(error)
+        return False
+
+    def _keep_trying(self, job: _Ingest, error: Exception) -> bool:
+        # The device was answered once the request was journaled, so it must
+        # be stored. While the file or the machine fails (disk full, say) the
+        # same request is tried again, and the journal refuses new ones; a
+        # request that fails alone for any other reason can never be stored.
+        delay = 0.05
+        while not self._stopping:
+            if not is_transient(error):
+                return self._drop(job, error)
+            self._report_failing(error)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            _reset(job.messages)
+            started = time.perf_counter()
+            try:
+                changes, failures = self.run_chain(job.messages)
+                self.store.apply(changes, cursor=(JOURNAL_PEER, job.journal_seq))
+            except Exception as again:
+                error = again
+                continue
+            self._report_failing(None)
+            self._stored([job], changes, failures, started)
+            return True
+        self._halted = error
+        job.future.set_exception(error)
+        return False
+
+    def _drop(self, job: _Ingest, error: Exception) -> bool:
+        device = job.messages[0].originator.name if job.messages else "?"
+        logger.error(
+            "dropped journal record %d (device %r, %d messages): it cannot be "
+            "stored while the file takes other writes: %s",
+            job.journal_seq,
+            device,
+            len(job.messages),
+            error,
+        )
+        job.future.set_exception(error)
+        self._report_failing(None)
+        return False
+
+    def _report_failing(self, error: Exception | None) -> None:
+        if self.journal_failing is not None:
+            self.journal_failing(error)
 
     def run_chain(self, messages: list[Message]) -> tuple[ChangeSet, int]:
         """Run messages through the root chain; return changes and failure count."""
