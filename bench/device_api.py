@@ -37,7 +37,8 @@ BARE_APP = textwrap.dedent(
         orjson.loads(await request.body())
         return Response(status_code=200)
 
-    app = Starlette(routes=[Route("/api/v1/{token}/telemetry", telemetry, methods=["POST"])])
+    route = Route("/api/v1/{token}/telemetry", telemetry, methods=["POST"])
+    app = Starlette(routes=[route])
     uvicorn.run(app, host="127.0.0.1", port=int(__import__("sys").argv[1]),
                 log_config=None, access_log=False, timeout_keep_alive=30,
                 limit_concurrency=4096)
@@ -50,7 +51,9 @@ WRK_SCRIPT = textwrap.dedent(
     counter = 0
     request = function()
       counter = counter + 1
-      return wrk.format(nil, nil, nil, '{"temperature": ' .. (counter % 100) .. '.5, "n": ' .. counter .. '}')
+      local t = (counter % 100) .. '.5'
+      local body = '{"temperature": ' .. t .. ', "n": ' .. counter .. '}'
+      return wrk.format(nil, nil, nil, body)
     end
     """
 )
@@ -77,7 +80,9 @@ def wait_up(url: str) -> None:
 def load(url: str, seconds: int, connections: int, script: Path) -> float:
     result = subprocess.run(
         ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     found = re.search(r"Requests/sec:\s+([\d.]+)", result.stdout)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", result.stdout)
@@ -96,31 +101,71 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="edgectl-bench-api-"))
     script = folder / "post.lua"
     script.write_text(WRK_SCRIPT)
-    print(f"cores: {os.cpu_count()}  wrk: 2 threads, {options.connections} connections, {options.seconds} s")
+    print(
+        f"cores: {os.cpu_count()}  wrk: 2 threads, {options.connections} "
+        f"connections, {options.seconds} s"
+    )
 
     bare_port = free_port()
     bare = subprocess.Popen([sys.executable, "-c", BARE_APP, str(bare_port)])
     wait_up(f"http://127.0.0.1:{bare_port}/")
-    bare_rate = load(f"http://127.0.0.1:{bare_port}/api/v1/T/telemetry", options.seconds, options.connections, script)
+    bare_rate = load(
+        f"http://127.0.0.1:{bare_port}/api/v1/T/telemetry",
+        options.seconds,
+        options.connections,
+        script,
+    )
     bare.send_signal(signal.SIGTERM)
     bare.wait(20)
 
     subprocess.run(
-        [sys.executable, "-m", "edgectl", "devices", "add", "bench", "--token", "BENCH", "--db", str(folder / "edge.duckdb")],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "edgectl",
+            "devices",
+            "add",
+            "bench",
+            "--token",
+            "BENCH",
+            "--db",
+            str(folder / "edge.duckdb"),
+        ],
+        check=True,
+        capture_output=True,
     )
     edge_port = free_port()
     edge = subprocess.Popen(
-        [sys.executable, "-m", "edgectl", "run", "--role", "edge", "--db", str(folder / "edge.duckdb"), "--listen", f"127.0.0.1:{edge_port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "edgectl",
+            "run",
+            "--role",
+            "edge",
+            "--db",
+            str(folder / "edge.duckdb"),
+            "--listen",
+            f"127.0.0.1:{edge_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     wait_up(f"http://127.0.0.1:{edge_port}/healthz")
-    edge_rate = load(f"http://127.0.0.1:{edge_port}/api/v1/BENCH/telemetry", options.seconds, options.connections, script)
+    edge_rate = load(
+        f"http://127.0.0.1:{edge_port}/api/v1/BENCH/telemetry",
+        options.seconds,
+        options.connections,
+        script,
+    )
     edge.send_signal(signal.SIGTERM)
     edge.wait(30)
 
     print(f"bare handler (parse JSON, 200): {bare_rate:10,.0f} requests/s")
-    print(f"edgectl edge (stored, queued):  {edge_rate:10,.0f} requests/s ({edge_rate:,.0f} readings/s of 2 keys each)")
+    print(
+        f"edgectl edge (stored, queued):  {edge_rate:10,.0f} requests/s "
+        f"({edge_rate:,.0f} readings/s of 2 keys each)"
+    )
     print(f"ratio: {edge_rate / bare_rate:.0%} of the bare handler")
 
 

@@ -29,15 +29,27 @@ def messages(refs, count: int, readings: int, start: int) -> list[Message]:
     out = []
     for i in range(count):
         values = {f"k{j}": (start + i) * 0.5 + j for j in range(readings)}
-        metadata = {"deviceName": refs[i % len(refs)].name, "deviceType": "bench", "ts": str(1_700_000_000_000 + start + i)}
-        out.append(Message(POST_TELEMETRY_REQUEST, refs[i % len(refs)], values, metadata, order=i))
+        metadata = {
+            "deviceName": refs[i % len(refs)].name,
+            "deviceType": "bench",
+            "ts": str(1_700_000_000_000 + start + i),
+        }
+        out.append(
+            Message(
+                POST_TELEMETRY_REQUEST, refs[i % len(refs)], values, metadata, order=i
+            )
+        )
     return out
 
 
-def run(folder: Path, total: int, batch: int, readings: int) -> tuple[float, float, float]:
+def run(
+    folder: Path, total: int, batch: int, readings: int
+) -> tuple[float, float, float]:
     store = Store(folder / f"engine-{readings}-{batch}.duckdb")
     engine = Engine(load_chain(example_chain("edge")))
-    refs = [register_device(store, f"dev-{n}", token=f"t{n}")[0].ref for n in range(100)]
+    refs = [
+        register_device(store, f"dev-{n}", token=f"t{n}")[0].ref for n in range(100)
+    ]
     engine_seconds = commit_seconds = 0.0
     for first in range(0, total, batch):
         prepared = messages(refs, min(batch, total - first), readings, first)
@@ -60,7 +72,9 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="edgectl-bench-engine-"))
     print(f"cores: {os.cpu_count()}  chain: edge_root.yaml  batch: {options.batch}")
     for readings in (1, 10):
-        rate, engine_s, commit_s = run(folder, options.messages, options.batch, readings)
+        rate, engine_s, commit_s = run(
+            folder, options.messages, options.batch, readings
+        )
         print(
             f"{readings:2d} reading(s)/message: {rate:10,.0f} messages/s "
             f"({rate * readings:,.0f} readings/s; engine {engine_s:.2f} s, "

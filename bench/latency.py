@@ -39,9 +39,14 @@ class Device:
     the load generator would take the core the edge and cloud need.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str
+    ) -> None:
         self.reader, self.writer = reader, writer
-        self.head = f"POST /api/v1/{token}/telemetry HTTP/1.1\r\nHost: edge\r\nContent-Type: application/json\r\n"
+        self.head = (
+            f"POST /api/v1/{token}/telemetry HTTP/1.1\r\n"
+            "Host: edge\r\nContent-Type: application/json\r\n"
+        )
 
     @classmethod
     async def connect(cls, url: str, token: str) -> Device:
@@ -51,7 +56,9 @@ class Device:
 
     async def post(self, values: dict[str, int]) -> int:
         body = orjson.dumps(values)
-        self.writer.write(f"{self.head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        self.writer.write(
+            f"{self.head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
         length = 0
@@ -65,7 +72,9 @@ class Device:
         self.writer.close()
 
 
-async def load(edge_url: str, cloud_url: str, options: argparse.Namespace) -> tuple[list[float], int, list[float], int]:
+async def load(
+    edge_url: str, cloud_url: str, options: argparse.Namespace
+) -> tuple[list[float], int, list[float], int]:
     devices, rate, seconds = options.devices, options.rate, options.seconds
     sent: dict[tuple[int, int], float] = {}
     seen: dict[tuple[int, int], float] = {}
@@ -101,7 +110,10 @@ async def load(edge_url: str, cloud_url: str, options: argparse.Namespace) -> tu
         last = time.perf_counter()
         async with httpx.AsyncClient(base_url=cloud_url, timeout=5) as client:
             while True:
-                answer = await client.get("/api/edgectl/tables/ts_kv_latest", params={"key": "n", "limit": 10_000})
+                answer = await client.get(
+                    "/api/edgectl/tables/ts_kv_latest",
+                    params={"key": "n", "limit": 10_000},
+                )
                 now = time.perf_counter()
                 gaps.append(now - last)
                 last = now
@@ -117,7 +129,10 @@ async def load(edge_url: str, cloud_url: str, options: argparse.Namespace) -> tu
     await asyncio.gather(watch(), *(post(n) for n in range(devices)))
     latencies = sorted((seen[key] - sent[key]) * 1000 for key in sent if key in seen)
     answered.sort()
-    print(f"edge answered the POSTs in p50 {answered[len(answered) // 2]:.1f} ms, p99 {answered[int(len(answered) * 0.99)]:.1f} ms")
+    print(
+        f"edge answered the POSTs in p50 {answered[len(answered) // 2]:.1f} ms, "
+        f"p99 {answered[int(len(answered) * 0.99)]:.1f} ms"
+    )
     return latencies, len(sent), gaps, failed
 
 
@@ -136,7 +151,15 @@ def main() -> None:
         register_device(edge_store, f"d{n}", token=f"T{n}")
     edge_store.close()
     cloud, cloud_url = start_role("cloud", folder)
-    edge, edge_url = start_role("edge", folder, "--cloud", cloud_url, "--edge-key", "lat", env={"EDGECTL_EDGE_SECRET": "lat"})
+    edge, edge_url = start_role(
+        "edge",
+        folder,
+        "--cloud",
+        cloud_url,
+        "--edge-key",
+        "lat",
+        env={"EDGECTL_EDGE_SECRET": "lat"},
+    )
     time.sleep(1.0)
     try:
         latencies, sent, gaps, failed = asyncio.run(load(edge_url, cloud_url, options))
@@ -144,11 +167,22 @@ def main() -> None:
         for process in (edge, cloud):
             process.send_signal(signal.SIGTERM)
             process.wait(30)
-    print(f"cores: {os.cpu_count()}  target {options.rate:,} readings/s from {options.devices} devices, achieved {sent / options.seconds:,.0f}/s over {options.seconds} s")
-    print(f"readings: {sent:,} sent, {failed} refused, {len(latencies):,} seen on the cloud")
+    print(
+        f"cores: {os.cpu_count()}  target {options.rate:,} readings/s from "
+        f"{options.devices} devices, achieved {sent / options.seconds:,.0f}/s over "
+        f"{options.seconds} s"
+    )
+    print(
+        f"readings: {sent:,} sent, {failed} refused, {len(latencies):,} seen on "
+        "the cloud"
+    )
     print(f"poll interval: median {statistics.median(gaps) * 1000:.1f} ms")
     if latencies:
-        print(f"latency p50 {latencies[len(latencies) // 2]:.1f} ms  p99 {latencies[int(len(latencies) * 0.99)]:.1f} ms  max {latencies[-1]:.1f} ms")
+        print(
+            f"latency p50 {latencies[len(latencies) // 2]:.1f} ms  p99 "
+            f"{latencies[int(len(latencies) * 0.99)]:.1f} ms  max "
+            f"{latencies[-1]:.1f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ def size(path: Path) -> int:
 def readings_per_byte(folder: Path, count: int) -> None:
     path = folder / "readings.duckdb"
     store = Store(path)
-    refs = [register_device(store, f"dev-{n}", token=f"r{n}")[0].ref for n in range(100)]
+    refs = [
+        register_device(store, f"dev-{n}", token=f"r{n}")[0].ref for n in range(100)
+    ]
     store.checkpoint()
     before = size(path)
     start = 1_700_000_000_000
@@ -49,11 +51,21 @@ def readings_per_byte(folder: Path, count: int) -> None:
         for i in range(first, min(count, first + CHUNK)):
             # A realistic reading: a device's temperature every second.
             value = round(20 + (i % 600) / 100, 2)
-            changes.add_reading(refs[i % 100], "temperature", start + (i // 100) * 1000, (2, value), None, False)
+            changes.add_reading(
+                refs[i % 100],
+                "temperature",
+                start + (i // 100) * 1000,
+                (2, value),
+                None,
+                False,
+            )
         store.apply(changes)
     store.close()
     grown = size(path) - before
-    print(f"stored readings: {count:,}, file grew {grown / 1e6:,.1f} MB: {grown / count:.1f} bytes per reading")
+    print(
+        f"stored readings: {count:,}, file grew {grown / 1e6:,.1f} MB: "
+        f"{grown / count:.1f} bytes per reading"
+    )
 
 
 def queue_events(path: Path, count: int) -> None:
@@ -64,19 +76,33 @@ def queue_events(path: Path, count: int) -> None:
     for first in range(0, count, CHUNK):
         changes = ChangeSet()
         for i in range(first, min(count, first + CHUNK)):
-            body = {"data": {"temperature": round(20 + (i % 600) / 100, 2)}, "ts": 1_700_000_000_000 + i}
-            changes.add_event(PendingEvent(i - first, TIMESERIES_UPDATED, ref, body, 1_700_000_000_000 + i))
+            body = {
+                "data": {"temperature": round(20 + (i % 600) / 100, 2)},
+                "ts": 1_700_000_000_000 + i,
+            }
+            changes.add_event(
+                PendingEvent(
+                    i - first, TIMESERIES_UPDATED, ref, body, 1_700_000_000_000 + i
+                )
+            )
         store.apply(changes)
     store.close()
     grown = size(path) - before
-    print(f"queued events: {count:,}, file grew {grown / 1e6:,.1f} MB: {grown / count:.1f} bytes per event")
+    print(
+        f"queued events: {count:,}, file grew {grown / 1e6:,.1f} MB: "
+        f"{grown / count:.1f} bytes per event"
+    )
 
 
 def rss(pid: int) -> tuple[int, int]:
     fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+        line.split(":", 1)
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if ":" in line
     )
-    return int(fields["VmHWM"].split()[0]) * 1024, int(fields["VmRSS"].split()[0]) * 1024
+    return int(fields["VmHWM"].split()[0]) * 1024, int(
+        fields["VmRSS"].split()[0]
+    ) * 1024
 
 
 def main() -> None:
@@ -97,9 +123,27 @@ def main() -> None:
         dead_port = sock.getsockname()[1]
     port_file = folder / "edge.port"
     edge = subprocess.Popen(
-        [sys.executable, "-m", "edgectl", "run", "--role", "edge", "--db", str(edge_db), "--listen", "127.0.0.1:0",
-         "--port-file", str(port_file), "--cloud", f"http://127.0.0.1:{dead_port}", "--edge-key", "k"],
-        env={**os.environ, "EDGECTL_EDGE_SECRET": "s"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "edgectl",
+            "run",
+            "--role",
+            "edge",
+            "--db",
+            str(edge_db),
+            "--listen",
+            "127.0.0.1:0",
+            "--port-file",
+            str(port_file),
+            "--cloud",
+            f"http://127.0.0.1:{dead_port}",
+            "--edge-key",
+            "k",
+        ],
+        env={**os.environ, "EDGECTL_EDGE_SECRET": "s"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     while not (port_file.exists() and port_file.read_text()):
         time.sleep(0.05)
@@ -118,7 +162,10 @@ def main() -> None:
     peak, now = rss(edge.pid)
     edge.send_signal(signal.SIGTERM)
     edge.wait(60)
-    print(f"edge with {options.events:,} events queued: peak RSS {peak / 1e6:,.0f} MB, RSS {now / 1e6:,.0f} MB")
+    print(
+        f"edge with {options.events:,} events queued: peak RSS {peak / 1e6:,.0f} "
+        f"MB, RSS {now / 1e6:,.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,10 @@ from edgectl.storage import Store
 def build_backlog(path: Path, events: int, devices: int = 10) -> None:
     store = Store(path)
     engine = Engine(load_chain(example_chain("edge")))
-    refs = [register_device(store, f"bench-{n}", token=f"t{n}")[0].ref for n in range(devices)]
+    refs = [
+        register_device(store, f"bench-{n}", token=f"t{n}")[0].ref
+        for n in range(devices)
+    ]
     start = 1_700_000_000_000
     for first in range(0, events, 10_000):
         run = Run(store=store)
@@ -84,9 +87,17 @@ def start_delay_proxy(target_port: int, rtt_ms: float) -> int:
                 break
         await sender
 
-    async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", target_port)
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True)
+    async def connected(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            "127.0.0.1", target_port
+        )
+        await asyncio.gather(
+            pipe(reader, upstream_writer),
+            pipe(upstream_reader, writer),
+            return_exceptions=True,
+        )
 
     async def serve() -> None:
         server = await asyncio.start_server(connected, "127.0.0.1", 0)
@@ -116,7 +127,10 @@ def main() -> None:
     parser.add_argument("--rtt-ms", type=float, default=0.0)
     options = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="edgectl-bench-sync-"))
-    print(f"cores: {os.cpu_count()}  backlog: {options.events:,} events  round trip: {options.rtt_ms:g} ms added  folder: {folder}")
+    print(
+        f"cores: {os.cpu_count()}  backlog: {options.events:,} events  round trip: "
+        f"{options.rtt_ms:g} ms added  folder: {folder}"
+    )
 
     began = time.perf_counter()
     build_backlog(folder / "edge.duckdb", options.events)
@@ -133,7 +147,12 @@ def main() -> None:
         port = start_delay_proxy(int(cloud_url.rsplit(":", 1)[1]), options.rtt_ms)
         via = f"http://127.0.0.1:{port}"
     edge, edge_url = start_role(
-        "edge", folder, "--cloud", via, "--edge-key", "bench",
+        "edge",
+        folder,
+        "--cloud",
+        via,
+        "--edge-key",
+        "bench",
         env={"EDGECTL_EDGE_SECRET": "bench"},
     )
     marks, last = iter(range(10, 101, 10)), (0.0, 0.0)
@@ -150,7 +169,10 @@ def main() -> None:
         if mark == 1000 or elapsed > 600:
             break
         time.sleep(0.05)
-    print(f"drained {total:,} events in {elapsed:.2f} s: {total / elapsed:,.0f} events/s overall")
+    print(
+        f"drained {total:,} events in {elapsed:.2f} s: {total / elapsed:,.0f} "
+        "events/s overall"
+    )
     for process in (edge, cloud):
         process.send_signal(signal.SIGTERM)
         process.wait(30)
