@@ -134,8 +134,8 @@ class Writer:
             if isinstance(job, _Call):
                 self._run_call(job)
                 continue
-            self._pace()
             batch, after = self._gather(job)
+            self._last_commit = time.monotonic()
             self._usual_jobs = max(float(len(batch)), self._usual_jobs * 0.95)
             self._commit(batch)
             if after is _STOP:
@@ -144,29 +144,27 @@ class Writer:
                 self._run_call(after)
             self._maybe_checkpoint()
 
-    def _pace(self) -> None:
+    def _gather(self, first: _Ingest) -> tuple[list[_Ingest], Any]:
         # A commit costs about 4 ms of CPU however few messages it holds. Left
         # to commit whatever is waiting at once, a steady 1,000 requests/s
         # made 200 commits of five messages each, every second, and the
         # commits alone took a core. So a commit starts at most every
-        # ``commit_interval`` seconds, and the messages of that time share
-        # it; an idle writer still commits a lone message at once. It need
-        # not wait once as many requests wait as recent commits held (a
-        # slowly fading maximum): the clients they answered have come back.
+        # ``commit_interval`` seconds, and the requests of that time share
+        # it; an idle writer still commits a lone request at once. It stops
+        # waiting once as many requests wait as recent commits held (a slowly
+        # fading maximum): the clients they answered have come back. Waiting
+        # blocks on the queue, so an idle writer takes no CPU.
         deadline = self._last_commit + self.commit_interval
-        while time.monotonic() < deadline:
-            if self._jobs.qsize() + 1 >= self._usual_jobs:
-                break
-            time.sleep(0.0005)
-        self._last_commit = time.monotonic()
-
-    def _gather(self, first: _Ingest) -> tuple[list[_Ingest], Any]:
         batch, count = [first], len(first.messages)
         while count < self.max_batch:
+            wait = deadline - time.monotonic()
             try:
-                job = self._jobs.get_nowait()
+                if wait > 0 and len(batch) < self._usual_jobs:
+                    job = self._jobs.get(timeout=wait)
+                else:
+                    job = self._jobs.get_nowait()
             except queue.Empty:
-                return batch, None
+                break
             if not isinstance(job, _Ingest):
                 return batch, job
             batch.append(job)
