@@ -954,7 +954,47 @@ def build_app(service: Service, extra: list[Route] | None = None) -> Starlette:
             route("/api/edge/v1/uplink", uplink, ["POST"]),
             route("/api/edge/v1/downlink", downlink, ["POST"]),
         ]
-    return Starlette(routes=[*routes, *(extra or [])])
+    app = Starlette(routes=[*routes, *(extra or [])])
+    if service.role == "edge":
+        telemetry = guarded(service, post_telemetry, "/api/v1/{token}/telemetry")
+        return DeviceFastPath(app, telemetry)  # type: ignore[return-value]
+    return app
+
+
+_TELEMETRY_PREFIX, _TELEMETRY_SUFFIX = "/api/v1/", "/telemetry"
+
+
+def telemetry_token(path: str) -> str | None:
+    """The token of a ``/api/v1/{token}/telemetry`` path, else None."""
+    if not (path.startswith(_TELEMETRY_PREFIX) and path.endswith(_TELEMETRY_SUFFIX)):
+        return None
+    token = path[len(_TELEMETRY_PREFIX) : -len(_TELEMETRY_SUFFIX)]
+    return token if token and "/" not in token else None
+
+
+class DeviceFastPath:
+    """An edge's ASGI app: telemetry POSTs go straight to their handler.
+
+    Starlette's middleware, routing and response wrappers took about a third
+    of the CPU of a telemetry request; the handler already turns every error
+    into an answer, so they add nothing on this path. Every other request,
+    and the lifespan, go to the Starlette app.
+    """
+
+    def __init__(self, app: Starlette, telemetry: Handler) -> None:
+        self.app = app
+        self.router = app.router
+        self.telemetry = telemetry
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            token = telemetry_token(scope["path"])
+            if token is not None:
+                scope["path_params"] = {"token": token}
+                response = await self.telemetry(Request(scope, receive))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # -- slow clients ------------------------------------------------------------

@@ -526,3 +526,18 @@ def test_resend_sends_kept_delivered_events_again_and_the_cloud_applies_them_onc
         edge.url, "POST", "/api/edgectl/replay/list", {"state": "delivered"}
     )
     assert [event["seq"] for event in again] == [1, 2, 3, 4, 5, 6]
+
+
+def test_paths_near_the_telemetry_one_are_routed_as_before(roles):
+    # Telemetry POSTs skip Starlette's routing; their neighbours must not.
+    edge = roles("edge")
+    add_device(edge, "boiler", "T-boiler")
+    base = f"{edge.url}/api/v1"
+    assert httpx.post(f"{base}/T-boiler/telemetry", json={"n": 1}).status_code == 200
+    assert httpx.post(f"{base}/T-boiler/x/telemetry", json={"n": 2}).status_code == 404
+    assert httpx.post(f"{base}//telemetry", json={"n": 3}).status_code == 404
+    assert httpx.get(f"{base}/T-boiler/telemetry").status_code == 405
+    slash = httpx.post(f"{base}/T-boiler/telemetry/", json={"n": 4})
+    assert slash.status_code == 307
+    rows = cloud_rows(edge, "ts_kv", device="boiler")
+    assert [row["value"] for row in rows] == [1]
