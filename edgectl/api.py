@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -294,6 +294,11 @@ async def read_body(request: Request, limit: int, timeout: float = 30.0) -> byte
     except TimeoutError:
         raise HttpError(
             408, f"the request body did not arrive within {timeout:g} s"
+        ) from None
+    except ClientDisconnect:
+        # Nobody reads this answer; it keeps the log free of a traceback.
+        raise HttpError(
+            400, "the client went away before sending the whole body"
         ) from None
     return _gunzip(body, limit) if encoding == "gzip" else body
 

@@ -625,6 +625,25 @@ def test_a_body_slower_than_the_timeout_gets_408_and_stores_nothing(strict_edge)
     )
 
 
+def test_a_client_gone_mid_body_leaves_no_traceback_and_nothing_stored(strict_edge):
+    body = b'{"temperature": 21.5}'
+    head = (
+        b"POST /api/v1/T-leaver/telemetry HTTP/1.1\r\nHost: edge\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    with socket.create_connection(("127.0.0.1", strict_edge.port)) as leaver:
+        leaver.sendall(head + body[:5])
+        time.sleep(0.2)
+    answer = httpx.post(f"{strict_edge.url}/api/v1/T-calm/telemetry", json={"n": 1})
+    assert answer.status_code == 200
+    params = {"device": "leaver"}
+    assert (
+        remote.call(strict_edge.url, "GET", "/api/edgectl/tables/ts_kv", params=params)
+        == []
+    )
+    assert "Traceback" not in strict_edge.log.read_text()
+
+
 def test_one_device_cannot_hold_more_than_four_waiting_polls(strict_edge):
     async def scenario():
         async with httpx.AsyncClient(base_url=strict_edge.url, timeout=10) as http:
