@@ -184,8 +184,12 @@ class Uplink:
                 epoch = head.batch.epoch
                 if not whole or stop.is_set() or epoch != self.store.queue_epoch:
                     return sent
-                if batch is None and flying:
-                    batch = await asyncio.to_thread(self._read, flying[-1].batch.last)
+                if batch is None:
+                    # Under a trickle the queue read empty while the batch
+                    # travelled; what was committed since goes now, on the
+                    # same stream, without waiting for the acknowledgement.
+                    last = (flying[-1] if flying else head).batch.last
+                    batch = await asyncio.to_thread(self._read, last)
         finally:
             # The batches behind one not applied whole are let go at once:
             # the cloud applies a chained batch only after the one before.
