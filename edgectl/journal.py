@@ -33,6 +33,7 @@ import os
 import struct
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ JOURNAL_PEER = "ingest-journal"
 TELEMETRY, ATTRIBUTES = 0, 1
 ROTATE_BYTES = 64 * 1024 * 1024
 MAX_PENDING = 50_000
+MAX_PENDING_BYTES = 32 * 1024 * 1024
 
 _MAGIC = b"EDGECTL-JOURNAL 1 "
 _FRAME = struct.Struct("<II")
@@ -261,6 +263,7 @@ class Journal:
     files: JournalFiles
     submit: Submit
     max_pending: int = MAX_PENDING
+    max_pending_bytes: int = MAX_PENDING_BYTES
     applied: int = 0
     pending: list[Record] = field(default_factory=list)
     failure: Exception | None = None
@@ -268,6 +271,9 @@ class Journal:
     _waiting: list[_Waiting] = field(default_factory=list)
     _flushing: bool = False
     _handed: int = 0
+    # (seq, body size) of records not yet known to be stored, oldest first.
+    _sizes: deque[tuple[int, int]] = field(default_factory=deque)
+    _pending_bytes: int = 0
     _room: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _executor: ThreadPoolExecutor = field(
@@ -279,16 +285,20 @@ class Journal:
     ) -> Future[int]:
         """Journal one request; return the future of the commit storing it.
 
-        Waits while more than ``max_pending`` records are journaled but not
-        yet stored. Raises StorageError when the journal cannot be written or
-        the writer cannot store (nothing of the request is kept).
+        Waits while more than ``max_pending`` records, or bodies of more than
+        ``max_pending_bytes`` in all, are journaled but not yet stored: their
+        messages are held in memory until then. Raises StorageError when the
+        journal cannot be written or the writer cannot store (nothing of the
+        request is kept).
         """
         self._check_failure()
-        if self._handed - self.applied > self.max_pending:
+        if self._full():
             await self._wait_for_room()
         loop = self._loop = asyncio.get_running_loop()
         seq = self.files.next_seq
         self.files.next_seq += 1
+        self._sizes.append((seq, len(body)))
+        self._pending_bytes += len(body)
         self._buffer += encode_record(Record(seq, ts, kind, device, body))
         waiting = _Waiting(seq, messages, loop.create_future())
         self._waiting.append(waiting)
@@ -305,9 +315,18 @@ class Journal:
                 f"the edge cannot store what it receives: {self.failure}"
             )
 
+    def _full(self) -> bool:
+        sizes = self._sizes
+        while sizes and sizes[0][0] <= self.applied:
+            self._pending_bytes -= sizes.popleft()[1]
+        return (
+            self._handed - self.applied > self.max_pending
+            or self._pending_bytes > self.max_pending_bytes
+        )
+
     async def _wait_for_room(self) -> None:
         self._room = self._room or asyncio.Event()
-        while self._handed - self.applied > self.max_pending:
+        while self._full():
             self._room.clear()
             await self._room.wait()
             self._check_failure()

@@ -3,8 +3,10 @@ by a real edge process of requests it answered but had not stored."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+from concurrent.futures import Future
 
 import httpx
 import orjson
@@ -16,6 +18,7 @@ from edgectl.journal import (
     ATTRIBUTES,
     JOURNAL_PEER,
     TELEMETRY,
+    Journal,
     JournalFiles,
     Record,
     encode_record,
@@ -342,3 +345,27 @@ def test_readings_in_one_millisecond_do_not_overwrite_each_other(roles):
     stored = readings(edge, "boiler")
     assert sorted(value for _, value in stored) == list(range(200))
     assert [value for _, value in stored] == list(range(200))
+
+
+def test_appends_wait_while_too_many_bytes_are_journaled_but_not_stored(tmp_path):
+    files, _ = opened(tmp_path)
+    handed: list[int] = []
+
+    def submit(messages, seq):
+        handed.append(seq)
+        return Future()
+
+    async def scenario():
+        journal = Journal(files, submit, max_pending_bytes=100)
+        await journal.append(TELEMETRY, "dev", 1, b"a" * 60, [])
+        await journal.append(TELEMETRY, "dev", 2, b"b" * 60, [])
+        third = asyncio.ensure_future(journal.append(TELEMETRY, "dev", 3, b"c", []))
+        await asyncio.sleep(0.2)
+        assert not third.done()
+        assert handed == [1, 2]
+        journal.on_stored(1)
+        await asyncio.wait_for(third, 5)
+        assert handed == [1, 2, 3]
+
+    asyncio.run(scenario())
+    files.close()
