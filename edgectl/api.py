@@ -936,8 +936,10 @@ async def metrics(service: Service, request: Request) -> Response:
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 
-def build_app(service: Service, extra: list[Route] | None = None) -> Starlette:
-    """The Starlette app of a role."""
+def build_app(
+    service: Service, extra: list[Route] | None = None
+) -> Starlette | DeviceFastPath:
+    """The ASGI app of a role: Starlette, behind the telemetry path on an edge."""
 
     def route(path: str, handler: Any, methods: list[str]) -> Route:
         return Route(path, guarded(service, handler, path), methods=methods)
@@ -962,7 +964,7 @@ def build_app(service: Service, extra: list[Route] | None = None) -> Starlette:
     app = Starlette(routes=[*routes, *(extra or [])])
     if service.role == "edge":
         telemetry = guarded(service, post_telemetry, "/api/v1/{token}/telemetry")
-        return DeviceFastPath(app, telemetry)  # type: ignore[return-value]
+        return DeviceFastPath(app, telemetry)
     return app
 
 
@@ -980,10 +982,10 @@ def telemetry_token(path: str) -> str | None:
 class DeviceFastPath:
     """An edge's ASGI app: telemetry POSTs go straight to their handler.
 
-    Starlette's middleware, routing and response wrappers took about a third
-    of the CPU of a telemetry request; the handler already turns every error
-    into an answer, so they add nothing on this path. Every other request,
-    and the lifespan, go to the Starlette app.
+    Starlette's middleware and routing took about a fifth of the main
+    thread's CPU per telemetry request (147 against 119 us under load); the
+    handler already turns every error into an answer, so they add nothing on
+    this path. Every other request, and the lifespan, go to the Starlette app.
     """
 
     def __init__(self, app: Starlette, telemetry: Handler) -> None:

@@ -25,6 +25,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from edgectl.api import (
+    DeviceFastPath,
     HttpError,
     Limits,
     Service,
@@ -112,7 +113,7 @@ async def _replay_journal(service: Service, journal: Journal) -> None:
     records, journal.pending = journal.pending, []
     if not records:
         return
-    last = None
+    writer, stored = service.writer, 0
     for record in records:
         try:
             messages = journal_messages(service, record)
@@ -125,11 +126,13 @@ async def _replay_journal(service: Service, journal: Journal) -> None:
                 error.message,
             )
             continue
-        last = service.writer.submit(messages, record.seq)
-    if last is not None:
-        with contextlib.suppress(Exception):
-            await asyncio.wrap_future(last)
-    logger.info("stored %d requests left in the ingest journal", len(records))
+        writer.submit(messages, record.seq)
+        stored += 1
+    # Behind the records on the writer: the last one is marked done even if
+    # it was dropped, so no dropped record is read again at the next start.
+    newest = records[-1].seq
+    await asyncio.wrap_future(writer.call(lambda: writer.skip_journal(newest)))
+    logger.info("stored %d requests left in the ingest journal", stored)
 
 
 def _limits(config: RoleConfig) -> Limits:
@@ -192,7 +195,7 @@ def _add_gauges(service: Service) -> None:
         service.metrics.gauges["queue_max_bytes"] = lambda: quota.limits.max_bytes
 
 
-def build_role_app(config: RoleConfig, service: Service) -> Starlette:
+def build_role_app(config: RoleConfig, service: Service) -> Starlette | DeviceFastPath:
     """The role's ASGI app, whose lifespan starts and stops the background work."""
     from edgectl.admin import admin_routes
 

@@ -263,7 +263,7 @@ class Writer:
         device = job.messages[0].originator.name if job.messages else "?"
         logger.error(
             "dropped journal record %d (device %r, %d messages): it cannot be "
-            "stored while the file takes other writes: %s",
+            "stored: %s",
             job.journal_seq,
             device,
             len(job.messages),
@@ -271,7 +271,23 @@ class Writer:
         )
         job.future.set_exception(error)
         self._report_failing(None)
+        self.skip_journal(job.journal_seq)
         return False
+
+    def skip_journal(self, seq: int) -> None:
+        """Mark journal records up to ``seq`` done without storing anything,
+        so one that can never be stored is not run again at every start.
+        Does nothing once the writer gave up at stop: the records behind
+        are still to be stored."""
+        if self._halted is not None:
+            return
+        try:
+            self.store.apply(ChangeSet(), cursor=(JOURNAL_PEER, seq))
+        except Exception as error:
+            logger.warning("could not mark journal record %d done: %s", seq, error)
+            return
+        if self.journal_stored is not None:
+            self.journal_stored(seq)
 
     def _report_failing(self, error: Exception | None) -> None:
         if self.journal_failing is not None:
