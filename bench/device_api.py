@@ -178,7 +178,9 @@ def main() -> None:
     )
     print(
         f"answered 200: {answered:,} requests; stored: {rows.get('ts_kv', 0):,} "
-        f"rows in ts_kv, {rows.get('cloud_event', 0):,} events queued"
+        f"rows in ts_kv, {rows.get('cloud_event', 0):,} events queued (wrk does "
+        "not count the requests in flight when it stops, one a connection; one "
+        "event announces the device)"
     )
     print(f"ratio: {edge_rate / bare_rate:.0%} of the bare handler")
 
