@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
+from roles import start_role
 
 BARE_APP = textwrap.dedent(
     """
@@ -141,32 +142,15 @@ def main() -> None:
         check=True,
         capture_output=True,
     )
-    edge_port = free_port()
-    edge = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgectl",
-            "run",
-            "--role",
-            "edge",
-            "--db",
-            str(folder / "edge.duckdb"),
-            "--listen",
-            f"127.0.0.1:{edge_port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_up(f"http://127.0.0.1:{edge_port}/healthz")
+    edge, edge_url = start_role("edge", folder)
     edge_rate, answered = load(
-        f"http://127.0.0.1:{edge_port}/api/v1/BENCH/telemetry",
+        f"{edge_url}/api/v1/BENCH/telemetry",
         options.seconds,
         options.connections,
         script,
     )
     # The admin API reads once every answered request is stored.
-    overview = httpx.get(f"http://127.0.0.1:{edge_port}/api/edgectl/tables", timeout=60)
+    overview = httpx.get(f"{edge_url}/api/edgectl/tables", timeout=60)
     rows = {t["table"]: t["rows"] for t in overview.json()["tables"]}
     edge.send_signal(signal.SIGTERM)
     edge.wait(30)

@@ -16,13 +16,12 @@ import argparse
 import os
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from roles import start_role
 
 from edgectl.changes import ChangeSet, PendingEvent
 from edgectl.devices import register_device
@@ -121,40 +120,16 @@ def main() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead_port = sock.getsockname()[1]
-    port_file = folder / "edge.port"
-    edge = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgectl",
-            "run",
-            "--role",
-            "edge",
-            "--db",
-            str(edge_db),
-            "--listen",
-            "127.0.0.1:0",
-            "--port-file",
-            str(port_file),
-            "--cloud",
-            f"http://127.0.0.1:{dead_port}",
-            "--edge-key",
-            "k",
-        ],
-        env={**os.environ, "EDGECTL_EDGE_SECRET": "s"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    edge, url = start_role(
+        "edge",
+        folder,
+        "--cloud",
+        f"http://127.0.0.1:{dead_port}",
+        "--edge-key",
+        "k",
+        env={"EDGECTL_EDGE_SECRET": "s"},
     )
-    while not (port_file.exists() and port_file.read_text()):
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port_file.read_text()}"
     with httpx.Client(base_url=url, timeout=10) as client:
-        for _ in range(200):
-            try:
-                client.get("/healthz")
-                break
-            except httpx.HTTPError:
-                time.sleep(0.05)
         for n in range(2000):
             client.post("/api/v1/QUEUED/telemetry", json={"n": n})
         client.get("/metrics")

@@ -252,18 +252,20 @@ def queued(edge, device: str) -> list[int]:
     return [orjson.loads(e["body"])["ts"] for e in events]
 
 
+def edge_with_boiler(roles):
+    """A running edge with device boiler, token T-boiler."""
+    edge = roles("edge")
+    body = {"name": "boiler", "token": "T-boiler"}
+    remote.call(edge.url, "POST", "/api/edgectl/devices", body)
+    return edge
+
+
 def post(edge, body) -> httpx.Response:
     return httpx.post(f"{edge.url}/api/v1/T-boiler/telemetry", json=body, timeout=10)
 
 
 def test_the_edge_stores_answered_requests_it_had_not_stored_once(roles):
-    edge = roles("edge")
-    remote.call(
-        edge.url,
-        "POST",
-        "/api/edgectl/devices",
-        {"name": "boiler", "token": "T-boiler"},
-    )
+    edge = edge_with_boiler(roles)
     for n in (1, 2, 3):
         assert post(edge, {"ts": n, "values": {"n": n}}).status_code == 200
     assert readings(edge, "boiler") == [(1, 1), (2, 2), (3, 3)]
@@ -304,13 +306,7 @@ def test_the_edge_stores_answered_requests_it_had_not_stored_once(roles):
 
 
 def test_a_record_of_a_device_gone_is_logged_and_skipped(roles):
-    edge = roles("edge")
-    remote.call(
-        edge.url,
-        "POST",
-        "/api/edgectl/devices",
-        {"name": "boiler", "token": "T-boiler"},
-    )
+    edge = edge_with_boiler(roles)
     edge.stop()
     store = Store(edge.db)
     instance = store.instance
@@ -337,13 +333,7 @@ def test_a_record_of_a_device_gone_is_logged_and_skipped(roles):
 
 
 def test_readings_in_one_millisecond_do_not_overwrite_each_other(roles):
-    edge = roles("edge")
-    remote.call(
-        edge.url,
-        "POST",
-        "/api/edgectl/devices",
-        {"name": "boiler", "token": "T-boiler"},
-    )
+    edge = edge_with_boiler(roles)
     with httpx.Client(timeout=10) as client:
         url = f"{edge.url}/api/v1/T-boiler/telemetry"
         for n in range(200):

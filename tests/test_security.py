@@ -597,12 +597,17 @@ def test_headers_sent_a_byte_at_a_time_do_not_hold_the_connection(strict_edge):
         assert time.monotonic() - started < 3
 
 
+def telemetry_head(token: str, length: int) -> bytes:
+    """The request line and headers of a telemetry POST of ``length`` bytes."""
+    return (
+        f"POST /api/v1/{token}/telemetry HTTP/1.1\r\nHost: edge\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
 def test_a_body_slower_than_the_timeout_gets_408_and_stores_nothing(strict_edge):
     body = b'{"temperature": 21.5}'
-    head = (
-        b"POST /api/v1/T-slow/telemetry HTTP/1.1\r\nHost: edge\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
-    )
+    head = telemetry_head("T-slow", len(body))
     with socket.create_connection(("127.0.0.1", strict_edge.port)) as slow:
         slow.sendall(head + body[:5])
         slow.settimeout(15)
@@ -627,10 +632,7 @@ def test_a_body_slower_than_the_timeout_gets_408_and_stores_nothing(strict_edge)
 
 def test_a_client_gone_mid_body_leaves_no_traceback_and_nothing_stored(strict_edge):
     body = b'{"temperature": 21.5}'
-    head = (
-        b"POST /api/v1/T-leaver/telemetry HTTP/1.1\r\nHost: edge\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
-    )
+    head = telemetry_head("T-leaver", len(body))
     with socket.create_connection(("127.0.0.1", strict_edge.port)) as leaver:
         leaver.sendall(head + body[:5])
         time.sleep(0.2)
