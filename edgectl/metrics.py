@@ -32,6 +32,7 @@ _GAUGE_HELP = {
     "queue_bytes": "Bytes the outgoing queue counts against max_queue_bytes.",
     "queue_max_bytes": "The max_queue_bytes limit (0: none).",
     "dead_letters": "Events in the dead letters.",
+    "polls_waiting": "Device long polls for attribute updates now waiting.",
 }
 # Counters that always carry a label; every value is listed even at 0.
 _LABELLED = {"events_dropped": ("reason", ("age", "full"))}

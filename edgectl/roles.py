@@ -189,6 +189,10 @@ def _add_gauges(service: Service) -> None:
     service.metrics.gauges["queue_depth"] = lambda: totals()[0]
     service.metrics.gauges["queue_lag_seconds"] = lambda: totals()[1]
     service.metrics.gauges["dead_letters"] = lambda: totals()[2]
+    # The watcher lists are copied at once: the loop changes them meanwhile.
+    service.metrics.gauges["polls_waiting"] = lambda: sum(
+        map(len, list(service._watchers.values()))
+    )
     quota = service.quota
     if quota is not None:
         service.metrics.gauges["queue_bytes"] = lambda: quota.queued_bytes

@@ -210,7 +210,8 @@ def test_shared_attribute_from_the_cloud_reaches_the_edge_and_wakes_its_poll_onc
         )
     )
     poller.start()
-    wait_for(lambda: True, timeout=0.5)
+    # The update reaches only polls already waiting, as in ThingsBoard.
+    wait_for(lambda: polls_waiting(edge) == 1, what="the device's poll")
     path = "/api/plugins/telemetry/DEVICE/valve/attributes/SHARED_SCOPE"
     remote.call(cloud.url, "POST", path, {"setpoint": 42, "mode": "eco"})
     poller.join(30)
@@ -227,6 +228,13 @@ def test_shared_attribute_from_the_cloud_reaches_the_edge_and_wakes_its_poll_onc
         f"{edge.url}/api/v1/T-valve/attributes/updates?timeout=500", timeout=5
     )
     assert quiet.status_code == 408
+
+
+def polls_waiting(role) -> float:
+    for line in httpx.get(f"{role.url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("edgectl_polls_waiting"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no edgectl_polls_waiting in /metrics")
 
 
 def edge_dead_and_pending(edge) -> tuple[int, int]:
