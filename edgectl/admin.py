@@ -113,7 +113,9 @@ async def add_edge(service: Service, request: Request) -> Response:
 async def inspect_tables(service: Service, request: Request) -> Response:
     """``GET /api/edgectl/tables``: counts and queue state."""
     await service.settled()
-    return JSONResponse(await asyncio.to_thread(overview, service.store))
+    journal = service.journal
+    unstored = journal.unstored() if journal is not None else 0
+    return JSONResponse(await asyncio.to_thread(overview, service.store, unstored))
 
 
 def _int(request: Request, name: str) -> int | None:

@@ -327,7 +327,9 @@ def inspect_tables(
     else:
         store = open_store(db)
         try:
-            data = rows(store, table, where) if table else overview(store)
+            data = (
+                rows(store, table, where) if table else overview(store, unstored(store))
+            )
         finally:
             store.close()
     if as_json:
@@ -336,6 +338,14 @@ def inspect_tables(
         render.rows(out, table, data)
     else:
         render.overview(out, data)
+
+
+def unstored(store: Store) -> int:
+    """Requests in the ingest journal of a stopped file not stored yet."""
+    from edgectl.journal import JOURNAL_PEER, unstored_count
+
+    applied = store.applied_seq(JOURNAL_PEER)
+    return unstored_count(store.path, store.instance, applied)
 
 
 @app.command()

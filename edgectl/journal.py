@@ -108,6 +108,17 @@ def read_journal(path: Path) -> tuple[str | None, list[Record], int]:
     return instance, records, offset
 
 
+def unstored_count(db_path: Path, instance: str, applied: int) -> int:
+    """How many requests the journal of a DuckDB file holds past ``applied``:
+    answered before a kill and not yet stored, they are when the role starts."""
+    count = 0
+    for path in journal_paths(db_path):
+        owner, records, _ = read_journal(path)
+        if owner == instance:
+            count += sum(1 for record in records if record.seq > applied)
+    return count
+
+
 class JournalFiles:
     """The two journal files of one DuckDB file: recovery, appends, turns.
 
@@ -357,6 +368,10 @@ class Journal:
             self._flush()
         else:
             self._flushing = False
+
+    def unstored(self) -> int:
+        """Requests handed to the writer and not yet committed."""
+        return max(0, self._handed - self.applied)
 
     def on_stored(self, seq: int) -> None:
         """Writer hook: records up to ``seq`` are committed (writer thread)."""

@@ -58,6 +58,12 @@ def overview(console: Console, data: dict[str, Any]) -> None:
             str(q["last_seq"]),
         )
     console.print(queues)
+    unstored = data.get("journal_unstored", 0)
+    if unstored:
+        console.print(
+            f"ingest journal: {unstored:,} answered request(s) not stored yet; "
+            "the edge stores them when it starts, or in a moment if it runs"
+        )
 
 
 def sparkline(values: list[float]) -> str:

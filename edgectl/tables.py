@@ -43,9 +43,10 @@ class RowFilter:
     limit: int = 50
 
 
-def overview(store: Store) -> dict[str, Any]:
-    """Row counts of every table, and per queue its pending count, lag,
-    dead letters and last delivered sequence."""
+def overview(store: Store, journal_unstored: int = 0) -> dict[str, Any]:
+    """Row counts of every table, per queue its pending count, lag, dead
+    letters and last delivered sequence, and how many answered requests the
+    ingest journal holds that are not stored yet."""
 
     def counts(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
         result = []
@@ -60,7 +61,12 @@ def overview(store: Store) -> dict[str, Any]:
         for queue in (CLOUD_QUEUE, EDGE_QUEUE)
         for stats in queue_stats(store, queue)
     ]
-    return {"file": str(store.path), "tables": tables, "queues": queues}
+    return {
+        "file": str(store.path),
+        "tables": tables,
+        "queues": queues,
+        "journal_unstored": journal_unstored,
+    }
 
 
 def rows(store: Store, table: str, where: RowFilter) -> list[dict[str, Any]]:

@@ -291,11 +291,21 @@ def test_the_edge_stores_answered_requests_it_had_not_stored_once(roles):
         torn = encode_record(record(6, b'{"ts": 6, "values": {"n": 6}}', "boiler"))
         handle.write(torn[:-3])
 
+    shown = subprocess.run(
+        [sys.executable, "-m", "edgectl", "inspect", "tables", "--db", str(edge.db)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "ingest journal: 2 answered request(s) not stored yet" in shown.stdout
+
     edge.start()
     expected = [(n, n) for n in range(1, 6)]
     assert readings(edge, "boiler") == expected
     assert queued(edge, "boiler") == list(range(1, 6))
     assert "stored 2 requests left in the ingest journal" in edge.log.read_text()
+    overview = remote.call(edge.url, "GET", "/api/edgectl/tables")
+    assert overview["journal_unstored"] == 0
 
     # Stored now, so a second start replays nothing.
     edge.kill()
