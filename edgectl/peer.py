@@ -19,26 +19,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import orjson
+
 from edgectl.errors import PeerRejectedError, TransportError
 from edgectl.metrics import Metrics
 from edgectl.outbox import (
     CLOUD_QUEUE,
-    Event,
     dead_letter,
     delivered_seq,
     mark_delivered,
-    read_pending,
+    read_pending_wire,
     record_failure,
 )
 from edgectl.storage import Store
-from edgectl.sync import ApplyResult, Receiver, decode_events, encode_event, peer_key
+from edgectl.sync import ApplyResult, Receiver, decode_events, peer_key
 from edgectl.transport import (
     Backoff,
     CloudClient,
     Gap,
     RetryLater,
     TooLarge,
-    encode_body,
+    encode_json,
     sleep_or_wake,
 )
 from edgectl.writer import Writer
@@ -57,14 +58,12 @@ async def on_writer(writer: Writer, work: Callable[[], T]) -> T:
 class _Batch:
     """Queued events read for one push, and the push's headers and body."""
 
-    events: list[Event]
+    count: int
+    first: int
+    last: int
     headers: dict[str, str]
     content: bytes
     epoch: int
-
-    @property
-    def last(self) -> int:
-        return self.events[-1].seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +201,7 @@ class Uplink:
         # the cloud and this edge one commit rather than two.
         if not flying:
             return True
-        return len(flying) < IN_FLIGHT and len(flying[-1].batch.events) >= self.limit
+        return len(flying) < IN_FLIGHT and flying[-1].batch.count >= self.limit
 
     def _launch(self, batch: _Batch) -> _Flight:
         push = self.client.push(batch.headers, batch.content)
@@ -224,20 +223,16 @@ class Uplink:
         # and compressed here, so it leaves the moment the answer comes.
         if epoch is None:
             epoch = self.store.queue_epoch
-        events = read_pending(self.store, CLOUD_QUEUE, None, after, self.limit)
-        if not events:
+        found = read_pending_wire(self.store, CLOUD_QUEUE, after, self.limit)
+        if found is None:
             return None
         # ``chained``: the batch follows one sent before it, so the cloud
         # applies it only after that one (a first batch may skip events the
         # user purged here).
-        body = {
-            "instance": self.store.instance,
-            "after": after,
-            "chained": chained,
-            "events": [encode_event(event) for event in events],
-        }
-        headers, content = encode_body(body)
-        return _Batch(events, headers, content, epoch)
+        head = {"instance": self.store.instance, "after": after, "chained": chained}
+        text = orjson.dumps(head)[:-1] + b',"events":[' + found.items + b"]}"
+        headers, content = encode_json(text)
+        return _Batch(found.count, found.first, found.last, headers, content, epoch)
 
     async def _acknowledged(self) -> None:
         """Commit every acknowledgement owed, and wait for it."""
@@ -262,23 +257,23 @@ class Uplink:
             running, self._ack = self._ack, None
             await running
 
-    async def _shrink(self, events: list[Event], error: TooLarge) -> None:
+    async def _shrink(self, batch: _Batch, error: TooLarge) -> None:
         # A body limit in front of the cloud (nginx allows 1 MiB by default)
         # refuses a large batch every time it is sent: without halving, the
         # queue would stop there for good.
-        if len(events) > 1:
-            self.limit = max(1, len(events) // 2)
+        if batch.count > 1:
+            self.limit = max(1, batch.count // 2)
             self._ceiling = (self.limit, time.monotonic())
             logger.warning(
                 "the cloud refused %d events as too large; sending %d at a time",
-                len(events),
+                batch.count,
                 self.limit,
             )
             return
         # One event alone is too large: it can never pass as it is, so it
         # counts attempts and goes to the dead letters like a rejected one.
         reason = f"the event alone is larger than the cloud accepts: {error}"
-        await on_writer(self.writer, lambda: self._reject_alone(events[0].seq, reason))
+        await on_writer(self.writer, lambda: self._reject_alone(batch.first, reason))
 
     def _reject_alone(self, seq: int, error: str) -> int:
         with self.store.transaction() as con:
@@ -309,17 +304,17 @@ class Uplink:
             return False
         except TooLarge as error:
             await self._acknowledged()
-            await self._shrink(batch.events, error)
+            await self._shrink(batch, error)
             return False
         self.metrics.observe_batch(time.perf_counter() - started)
-        self.metrics.add("events_sent", len(batch.events))
+        self.metrics.add("events_sent", batch.count)
         # The acknowledgement commits on the writer thread while the next
         # batch travels; an answer after this one covers it, if it comes first.
         self._owed = (answer, batch)
         through = min(int(answer.get("applied_through", 0)), batch.last)
         logger.info(
             "pushed %d events to %s (through seq %d) in %.0f ms",
-            len(batch.events),
+            batch.count,
             self.client.url,
             through,
             (time.perf_counter() - started) * 1000,

@@ -176,7 +176,11 @@ class CloudClient:
 
 def encode_body(body: dict[str, Any]) -> tuple[dict[str, str], bytes]:
     """Headers and content for a JSON body, gzipped past 1 KiB."""
-    content = orjson.dumps(body)
+    return encode_json(orjson.dumps(body))
+
+
+def encode_json(content: bytes) -> tuple[dict[str, str], bytes]:
+    """Headers and content for JSON text, gzipped past 1 KiB."""
     headers = {"content-type": "application/json"}
     if len(content) > _GZIP_ABOVE:
         content = gzip.compress(content, compresslevel=1)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import orjson
 import pytest
 from conftest import RULECHAINS
 
@@ -34,6 +35,7 @@ from edgectl.outbox import (
 )
 from edgectl.replay import Selection, purge, requeue_dead
 from edgectl.storage import Store
+from edgectl.sync import encode_event
 
 EDGE_ROOT = RULECHAINS / "edge_root.yaml"
 CLOUD_ROOT = RULECHAINS / "cloud_root.yaml"
@@ -385,3 +387,27 @@ def test_file_closes_cleanly_after_a_failed_attempt(tmp_path):
     with opened(path) as store:
         [event] = read_pending(store, CLOUD_QUEUE, None, 0, 9)
         assert (event.attempts, event.last_error) == (1, "HTTP 503")
+
+
+def test_the_wire_read_gives_what_encoding_each_read_event_gives(store, clock):
+    # Names a JSON string must escape, and values JSON must keep exact.
+    names = ['quo"te\\back', "nl\nand\ttab", "nul\x00ctl\x1f", "😀 שלום é\u2028"]
+    devices = [EntityRef("DEVICE", name) for name in names]
+    for device in devices:
+        register_device(store, device.name)
+    values = [12345678901234567890123, -0.0, 1e300, "x\x7f", {"deep": [None, True]}]
+    messages = [
+        telemetry(value, ts=n, device=devices[n % len(devices)])
+        for n, value in enumerate(values)
+    ]
+    queue_through(store, EDGE_ROOT, messages)
+
+    events = read_pending(store, CLOUD_QUEUE, None, 2, 6)
+    wire = outbox.read_pending_wire(store, CLOUD_QUEUE, 2, 6)
+
+    assert wire is not None
+    assert (wire.count, wire.first, wire.last) == (6, 3, 8)
+    assert json.loads(b"[" + wire.items + b"]") == [
+        json.loads(orjson.dumps(encode_event(event))) for event in events
+    ]
+    assert outbox.read_pending_wire(store, CLOUD_QUEUE, 9, 6) is None
