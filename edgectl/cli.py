@@ -316,6 +316,7 @@ def inspect_tables(
 ) -> None:
     """Show what a file stores and what is still queued, or one table's rows."""
     from edgectl import remote, render
+    from edgectl.journal import unstored_count
     from edgectl.tables import RowFilter, overview, rows
 
     _one_target(db, url)
@@ -328,7 +329,9 @@ def inspect_tables(
         store = open_store(db)
         try:
             data = (
-                rows(store, table, where) if table else overview(store, unstored(store))
+                rows(store, table, where)
+                if table
+                else overview(store, unstored_count(store))
             )
         finally:
             store.close()
@@ -338,14 +341,6 @@ def inspect_tables(
         render.rows(out, table, data)
     else:
         render.overview(out, data)
-
-
-def unstored(store: Store) -> int:
-    """Requests in the ingest journal of a stopped file not stored yet."""
-    from edgectl.journal import JOURNAL_PEER, unstored_count
-
-    applied = store.applied_seq(JOURNAL_PEER)
-    return unstored_count(store.path, store.instance, applied)
 
 
 @app.command()

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from edgectl.errors import StorageError
 from edgectl.message import Message
+from edgectl.storage import Store
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +109,13 @@ def read_journal(path: Path) -> tuple[str | None, list[Record], int]:
     return instance, records, offset
 
 
-def unstored_count(db_path: Path, instance: str, applied: int) -> int:
-    """How many requests the journal of a DuckDB file holds past ``applied``:
+def unstored_count(store: Store) -> int:
+    """How many requests the journal of a stopped file holds that it does not:
     answered before a kill and not yet stored, they are when the role starts."""
-    count = 0
-    for path in journal_paths(db_path):
+    applied, count = store.applied_seq(JOURNAL_PEER), 0
+    for path in journal_paths(store.path):
         owner, records, _ = read_journal(path)
-        if owner == instance:
+        if owner == store.instance:
             count += sum(1 for record in records if record.seq > applied)
     return count
 
@@ -376,17 +377,18 @@ class Journal:
     def on_stored(self, seq: int) -> None:
         """Writer hook: records up to ``seq`` are committed (writer thread)."""
         self.applied = max(self.applied, seq)
-        loop, room = self._loop, self._room
-        if room is not None and loop is not None and not room.is_set():
-            loop.call_soon_threadsafe(room.set)
+        self._wake_appends()
 
     def on_failing(self, error: Exception | None) -> None:
         """Writer hook: storing fails (``error``) or works again (None)."""
         self.failure = error
-        if error is None:
-            return
+        if error is not None:
+            self._wake_appends()
+
+    def _wake_appends(self) -> None:
+        # From the writer thread: appends waiting for room look again.
         loop, room = self._loop, self._room
-        if room is not None and loop is not None:
+        if room is not None and loop is not None and not room.is_set():
             loop.call_soon_threadsafe(room.set)
 
     def close(self) -> None:

@@ -171,7 +171,7 @@ class WireBatch:
 
 # Each event's wire object is built by DuckDB, its stored JSON body set in as
 # it is: turning thousands of rows into Python objects and back to JSON took
-# a third of the edge's CPU while a backlog drained.
+# about a fifth of the edge's CPU while a backlog drained.
 _WIRE_EVENT = (
     """'{"seq":' || seq || ',"action":' || COALESCE(to_json(action)::VARCHAR, 'null')"""
     """ || ',"entity_type":' || COALESCE(to_json(entity_type)::VARCHAR, 'null')"""

@@ -185,26 +185,30 @@ class Writer:
             for job in batch:
                 job.future.set_exception(self._halted)
             return False
-        messages = [message for job in batch for message in job.messages]
-        for order, message in enumerate(messages):
-            message.order = order
-        journal_seq = max(job.journal_seq for job in batch)
-        cursor = (JOURNAL_PEER, journal_seq) if journal_seq else None
         try:
-            changes, failures = self.run_chain(messages)
-            self.store.apply(changes, cursor=cursor)
+            changes, failures = self._store(batch)
         except Exception as error:
             return self._fail(batch, error)
         self._stored(batch, changes, failures, started)
         return True
 
+    def _store(self, batch: list[_Ingest]) -> tuple[ChangeSet, int]:
+        # The chain over the batch, committed with the newest journal record
+        # it holds; raises (rolled back) when that fails.
+        messages = [message for job in batch for message in job.messages]
+        for order, message in enumerate(messages):
+            message.order = order
+        journal_seq = max(job.journal_seq for job in batch)
+        cursor = (JOURNAL_PEER, journal_seq) if journal_seq else None
+        changes, failures = self.run_chain(messages)
+        self.store.apply(changes, cursor=cursor)
+        return changes, failures
+
     def _stored(
-        self,
-        batch: list[_Ingest],
-        changes: ChangeSet,
-        failures: int,
-        started: float,
+        self, batch: list[_Ingest], changes: ChangeSet, failures: int, started: float
     ) -> None:
+        # After the commit, outside the retry: answers the jobs, tells the
+        # journal, wakes the hooks.
         for job in batch:
             job.future.set_result(failures)
         journal_seq = max(job.journal_seq for job in batch)
@@ -247,8 +251,7 @@ class Writer:
             _reset(job.messages)
             started = time.perf_counter()
             try:
-                changes, failures = self.run_chain(job.messages)
-                self.store.apply(changes, cursor=(JOURNAL_PEER, job.journal_seq))
+                changes, failures = self._store([job])
             except Exception as again:
                 error = again
                 continue
