@@ -74,9 +74,9 @@ def event(seq: int, action: str, name: str, body: dict) -> dict:
     }
 
 
-def readings(cloud, device: str) -> list:
+def readings(role, device: str) -> list:
     params = {"device": device, "limit": 1000}
-    found = remote.call(cloud.url, "GET", "/api/edgectl/tables/ts_kv", params=params)
+    found = remote.call(role.url, "GET", "/api/edgectl/tables/ts_kv", params=params)
     return [(row["key"], row["value"]) for row in found]
 
 
@@ -623,11 +623,7 @@ def test_a_body_slower_than_the_timeout_gets_408_and_stores_nothing(strict_edge)
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {
         "error": "the request body did not arrive within 1 s"
     }
-    params = {"device": "slow"}
-    assert (
-        remote.call(strict_edge.url, "GET", "/api/edgectl/tables/ts_kv", params=params)
-        == []
-    )
+    assert readings(strict_edge, "slow") == []
 
 
 def test_a_client_gone_mid_body_leaves_no_traceback_and_nothing_stored(strict_edge):
@@ -638,11 +634,7 @@ def test_a_client_gone_mid_body_leaves_no_traceback_and_nothing_stored(strict_ed
         time.sleep(0.2)
     answer = httpx.post(f"{strict_edge.url}/api/v1/T-calm/telemetry", json={"n": 1})
     assert answer.status_code == 200
-    params = {"device": "leaver"}
-    assert (
-        remote.call(strict_edge.url, "GET", "/api/edgectl/tables/ts_kv", params=params)
-        == []
-    )
+    assert readings(strict_edge, "leaver") == []
     assert "Traceback" not in strict_edge.log.read_text()
 
 
